@@ -226,7 +226,8 @@ def grad_dot(grads_a, grads_b):
 
 def grad_sq_norm(grads):
     """||g[i]||^2 summed over parameters: dict of (B, ...) -> (B,)."""
-    return sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+    # One fused pass over each gradient: these tensors are large and the reduction is memory-bound.
+    return sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads.values())
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
