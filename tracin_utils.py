@@ -7,8 +7,11 @@ with l the beta-VAE loss of one sample averaged over ``reconstruct_num`` reparam
 closed form) and N the number of training samples. Self influence is the same with z = x.
 
 How it is exact and fast:
-  * per-sample gradients come from one ``torch.func.vmap(grad(...))`` over a chunk of samples, every draw of
-    every sample inside one batched forward/backward (``per_sample_grads``, the only gradient function);
+  * per-sample gradients of a chunk of samples come from one batched pass, every draw of every sample inside it
+    (``per_sample_grads``, the only gradient function): ``torch.func.vmap(grad(...))`` in general, and for
+    all-Linear networks (the MNIST model) one backward with hooks whose large weight gradients stay factored
+    (sum of R outer products), so dot products cost R^2 (in + out) instead of in * out and nothing of size
+    n_params per sample is written to memory;
   * the reparameterisation noise of sample i, draw r at checkpoint c is a counter-based hash of
     (seed, c, set, i, r, dim): scores do not depend on chunking, order or which samples share a batch, and a
     training sample used as a test point (``--task train``) gets the same noise as in the training set;
@@ -25,7 +28,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -203,11 +206,80 @@ def per_sample_loss(net, x, eps, loss_fn):
         return loss_fn(x, logits, mu, logvar)
 
 
-def per_sample_grads(net, names, x, eps, loss_fn):
-    """Gradients of each sample's loss w.r.t. the parameters ``names``.
+class LowRankGrad(NamedTuple):
+    """Per-sample gradient of a Linear layer's weight, kept as factors: sum_r outer(g[b, r], a[b, r]).
 
-    x: (B, C, H, W); eps: (B, R, z_dim) fixed noise. Returns {name: (B, *param.shape)}, detached.
+    g: (B, R, out) gradients of the layer's outputs, a: (B, R, in) its inputs, for the R positions at which
+    sample b passes through the layer (1 in the encoder, reconstruct_num in the decoder). Dot products and
+    norms come from R x R Gram matrices, so the (B, out, in) gradient is never written to memory.
     """
+
+    g: torch.Tensor
+    a: torch.Tensor
+
+    def dense(self):
+        """(B, out, in)."""
+        return torch.einsum("bro,bri->boi", self.g, self.a)
+
+
+def _linear_owners(net, names):
+    """{module name: nn.Linear} owning ``names``, or None when any of them belongs to another kind of layer."""
+    owners = {}
+    for name in names:
+        module_name = name.rsplit(".", 1)[0]
+        module = net.get_submodule(module_name)
+        if type(module) is not torch.nn.Linear:
+            return None
+        owners[module_name] = module
+    return owners
+
+
+def _keep_factored(rank, linear):
+    """Factors are cheaper than the dense gradient in a dot product when rank^2 (in + out) < in * out."""
+    return rank * rank * (linear.in_features + linear.out_features) < linear.in_features * linear.out_features
+
+
+def _linear_per_sample_grads(net, names, owners, x, eps, loss_fn):
+    """Per-sample gradients of an all-Linear parameter set from ONE batched forward/backward.
+
+    Samples do not interact in these networks (no batch norm; eval mode), so the gradient of the summed
+    per-sample losses w.r.t. a layer's output holds each sample's own output gradients; with the layer's inputs
+    they give each sample's weight gradient (a sum of R outer products) and bias gradient.
+    """
+    captured = {}
+
+    def capture(key):
+        def hook(module, inputs, output):
+            captured[key] = (inputs[0], output)
+        return hook
+
+    handles = [module.register_forward_hook(capture(key)) for key, module in owners.items()]
+    try:
+        with torch.enable_grad():
+            logits, mu, logvar = net(x, eps)
+            total = loss_fn(x, logits, mu, logvar).sum()
+            out_grads = torch.autograd.grad(total, [captured[key][1] for key in owners])
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = x.shape[0]
+    factors = {}
+    for (key, module), g in zip(owners.items(), out_grads):
+        a = captured[key][0].detach().reshape(n, -1, module.in_features)
+        factors[key] = (g.reshape(n, -1, module.out_features), a)
+    grads = {}
+    for name in names:
+        key, kind = name.rsplit(".", 1)
+        g, a = factors[key]
+        if kind == "bias":
+            grads[name] = g.sum(1)
+        else:
+            factored = LowRankGrad(g, a)
+            grads[name] = factored if _keep_factored(g.shape[1], owners[key]) else factored.dense()
+    return grads
+
+
+def _vmap_per_sample_grads(net, names, x, eps, loss_fn):
     all_params = dict(net.named_parameters())
     frozen = {n: p.detach() for n, p in all_params.items() if n not in names}
     trainable = {n: all_params[n].detach() for n in names}
@@ -219,15 +291,57 @@ def per_sample_grads(net, names, x, eps, loss_fn):
     return vmap(grad(one_sample_loss), in_dims=(None, 0, 0))(trainable, x, eps)
 
 
+def per_sample_grads(net, names, x, eps, loss_fn, factored=True):
+    """Gradients of each sample's loss w.r.t. the parameters ``names``; the one per-sample gradient function.
+
+    x: (B, C, H, W); eps: (B, R, z_dim) fixed noise. Returns {name: (B, *param.shape)}, detached. When every
+    parameter belongs to an nn.Linear (the MNIST model), they come from one batched backward with hooks and,
+    if ``factored``, large weight gradients stay as LowRankGrad factors; otherwise (convolutions) from
+    ``torch.func.vmap(grad(...))`` over the samples, every draw of a sample in one batched pass.
+    """
+    owners = _linear_owners(net, names)
+    if owners is None:
+        return _vmap_per_sample_grads(net, names, x, eps, loss_fn)
+    grads = _linear_per_sample_grads(net, names, owners, x, eps, loss_fn)
+    if not factored:
+        grads = {n: g.dense() if isinstance(g, LowRankGrad) else g for n, g in grads.items()}
+    return grads
+
+
+def _dot(ga, gb):
+    """(A, B) dot products of per-sample gradients of one parameter, dense or factored."""
+    if isinstance(ga, LowRankGrad) and isinstance(gb, LowRankGrad):
+        (n_a, r_a, _), (n_b, r_b, _) = ga.g.shape, gb.g.shape
+        gg = ga.g.reshape(n_a * r_a, -1) @ gb.g.reshape(n_b * r_b, -1).T
+        aa = ga.a.reshape(n_a * r_a, -1) @ gb.a.reshape(n_b * r_b, -1).T
+        return (gg * aa).reshape(n_a, r_a, n_b, r_b).sum((1, 3))
+    ga = ga.dense() if isinstance(ga, LowRankGrad) else ga
+    gb = gb.dense() if isinstance(gb, LowRankGrad) else gb
+    return ga.flatten(1) @ gb.flatten(1).T
+
+
+def _sq_norm(g):
+    if isinstance(g, LowRankGrad):
+        return ((g.g @ g.g.transpose(1, 2)) * (g.a @ g.a.transpose(1, 2))).sum((1, 2))
+    # One fused pass over the gradient: these tensors are large and the reduction is memory-bound.
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+
+
 def grad_dot(grads_a, grads_b):
-    """<g_a[i], g_b[j]> summed over parameters: dicts of (A, ...) and (B, ...) -> (A, B)."""
-    return sum(ga.flatten(1) @ gb.flatten(1).T for ga, gb in zip(grads_a.values(), grads_b.values()))
+    """<g_a[i], g_b[j]> summed over parameters: per-sample gradient dicts of A and B samples -> (A, B)."""
+    return sum(_dot(grads_a[n], grads_b[n]) for n in grads_a)
 
 
 def grad_sq_norm(grads):
-    """||g[i]||^2 summed over parameters: dict of (B, ...) -> (B,)."""
-    # One fused pass over each gradient: these tensors are large and the reduction is memory-bound.
-    return sum(torch.linalg.vector_norm(g.flatten(1), dim=1).square() for g in grads.values())
+    """||g[i]||^2 summed over parameters: per-sample gradient dict of B samples -> (B,)."""
+    return sum(_sq_norm(g) for g in grads.values())
+
+
+def concat_grads(parts):
+    """Concatenate per-sample gradient dicts along the sample axis."""
+    first = parts[0]
+    return {n: (LowRankGrad(torch.cat([p[n].g for p in parts]), torch.cat([p[n].a for p in parts]))
+                if isinstance(first[n], LowRankGrad) else torch.cat([p[n] for p in parts])) for n in first}
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -286,14 +400,23 @@ def checkpoint_schedule(checkpoints):
 
 # ------------------------------------------------------------------------------------------------ engine
 def _auto_chunk_size(net, names, cfg, dtype):
+    """Samples per chunk so that a chunk's per-sample gradients (and working copies) fit memory_budget_mb."""
     if cfg.chunk_size:
         return int(cfg.chunk_size)
     params = dict(net.named_parameters())
-    n_params = sum(params[n].numel() for n in names)
+    owners = _linear_owners(net, names)
+    per_sample = 0
+    for name in names:
+        module = owners and owners[name.rsplit(".", 1)[0]]
+        if module is not None and name.endswith("weight"):
+            rank = cfg.reconstruct_num if name.startswith("decoder") else 1
+            per_sample += (rank * (module.in_features + module.out_features) if _keep_factored(rank, module)
+                           else params[name].numel())
+        else:
+            per_sample += params[name].numel()
     itemsize = torch.finfo(dtype).bits // 8
-    # Per-sample gradients plus vmap's working copies (about three of them).
-    per_sample = 3 * n_params * itemsize
-    return int(max(1, min(256, cfg.memory_budget_mb * 2 ** 20 // per_sample)))
+    # About three copies alive at once (gradients, autograd's buffers, products).
+    return int(max(1, min(256, cfg.memory_budget_mb * 2 ** 20 // (3 * per_sample * itemsize))))
 
 
 def _batches(data, indices, chunk):
@@ -410,7 +533,7 @@ def pairwise_influence(test_images, train_data, checkpoints, cfg: TracInConfig, 
         chunk = _auto_chunk_size(ckpt.net, names, cfg, dtype)
         test_parts = [_grads_for(ckpt, names, test_images[s:s + chunk], test_ids[s:s + chunk], test_set, cfg,
                                  device, dtype) for s in range(0, n_test, chunk)]
-        test_grads = {n: torch.cat([part[n] for part in test_parts]) for n in names}
+        test_grads = concat_grads(test_parts)
         del test_parts
         out = torch.zeros(n_test, n_train, dtype=torch.float64)
         for idx, images in tqdm(_batches(train_data, all_ids, chunk), total=math.ceil(n_train / chunk),

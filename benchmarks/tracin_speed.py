@@ -51,36 +51,39 @@ def make_checkpoints(folder, n_ckpts, seed=0):
     return tu.find_checkpoints(folder)
 
 
-def loop_style(train_x, test_x, checkpoints, cfg, device, n_test=None):
+def loop_style(train_x, test_x, checkpoints, cfg, device, n_test=None, n_total=None):
     """The original code's computation, kept in its shape: per sample, R forward passes, create_graph=True.
 
     Returns (scores (len(test_x) or 1, n), seconds spent on test gradients, seconds on training samples).
     With n_test > len(test_x), every training gradient is dotted with n_test test gradients (the given ones
     cycled), so the per-training-sample cost is that of n_test test points; the test-gradient time is
-    reported for len(test_x) points and scales linearly with their number.
+    reported for len(test_x) points and scales linearly with their number. n_total: the training-set size N of
+    the weights lr * batch * gap / N, when train_x is a part of it.
     """
     n = len(train_x)
     scores = torch.zeros(len(test_x) if test_x is not None else 1, n, dtype=torch.float64)
     t_test = t_train = 0.0
     for it, path, gap in tu.checkpoint_schedule(checkpoints):
-        ck = tu.load_tracin_checkpoint(it, path, gap, n, cfg, device=device)
+        ck = tu.load_tracin_checkpoint(it, path, gap, n_total or n, cfg, device=device)
         net, params = ck.net, list(ck.net.parameters())
 
-        def grad_z(x):
+        def grad_z(x, set_id, i):
+            # The engine's noise, so that both compute the same scores.
+            eps = tu.reparam_noise(cfg.seed, it, set_id, [i], cfg.reconstruct_num, Z_DIM, device=device)[0]
             loss = 0.0
-            for _ in range(cfg.reconstruct_num):
-                logits, mu, logvar = net(x.unsqueeze(0).to(device))
+            for r in range(cfg.reconstruct_num):
+                logits, mu, logvar = net(x.unsqueeze(0).to(device), eps[r:r + 1])
                 loss += beta_vae_loss(x.unsqueeze(0).to(device), logits, mu, logvar, likelihood="bernoulli",
                                       beta=cfg.beta)[0]
             loss /= cfg.reconstruct_num
             return list(grad(loss, params, create_graph=True))
 
         start = time.perf_counter()
-        test_grads = [grad_z(z) for z in test_x] if test_x is not None else None
+        test_grads = [grad_z(z, tu.TEST_SET, j) for j, z in enumerate(test_x)] if test_x is not None else None
         t_test += time.perf_counter() - start
         start = time.perf_counter()
         for i in range(n):
-            g = grad_z(train_x[i])
+            g = grad_z(train_x[i], tu.TRAIN_SET, i)
             if test_grads is None:
                 scores[0, i] += float(sum(torch.sum(k * k).detach() for k in g).cpu()) * ck.weight
                 continue
@@ -136,13 +139,21 @@ def peak_memory_child(args, n_train):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def peak_rss_mib():
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter keeps the forking parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_probe(args):
     data = build_dataset("mnist", train=True, train_size=args._memory_probe, data_dir=args.data)
     cfg = tu.TracInConfig(dataset="mnist", z_dim=Z_DIM, beta=BETA, reconstruct_num=16, chunk_size=args.chunk_size)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mib()
     tu.self_influence(data, tu.find_checkpoints(args.ckpt_dir), cfg, device=args.device, progress=False)
     gpu = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.device(args.device).type == "cuda" else None
-    print(json.dumps({"n_train": len(data), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"n_train": len(data), "peak_rss_mib": peak_rss_mib(),
                       "rss_after_data_mib": rss_before, "peak_gpu_mib": gpu}))
 
 
@@ -177,7 +188,8 @@ def main(argv=None):
           f"MNIST model z {Z_DIM}, reconstruct_num 16, {n_ck} checkpoints, chunk {args.chunk_size}")
 
     # Self influence.
-    (ref, _, _), t_loop = timed(lambda: loop_style(loop_x, None, checkpoints, cfg, args.device), args.device)
+    (ref, _, _), t_loop = timed(lambda: loop_style(loop_x, None, checkpoints, cfg, args.device,
+                                                   n_total=args.n_train), args.device)
     res, t_engine = timed(lambda: tu.self_influence(train_x, checkpoints, cfg, device=args.device, progress=False),
                           args.device)
     agree = torch.allclose(torch.as_tensor(res.influences[:args.n_loop]), ref[0], rtol=1e-3)
@@ -191,7 +203,7 @@ def main(argv=None):
     # and scaled to n_test (each costs the same); its per-training-sample cost includes all n_test products.
     n_loop_pair, n_loop_test = max(2, args.n_loop // 4), min(8, args.n_test)
     ref, t_test, t_train = loop_style(loop_x[:n_loop_pair], test_x[:n_loop_test], checkpoints, cfg, args.device,
-                                      n_test=args.n_test)
+                                      n_test=args.n_test, n_total=args.n_train)
     t_test_full = t_test * args.n_test / n_loop_test
     loop_sps = args.n_train * n_ck / (t_test_full + t_train * args.n_train / n_loop_pair)
     res, t_engine = timed(lambda: tu.pairwise_influence(test_x, train_x, checkpoints, cfg, device=args.device,

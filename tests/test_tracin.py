@@ -115,11 +115,41 @@ def test_vectorised_grads_equal_per_sample_loop_mlp(tmp_path, mnist_images, use_
     assert len(names) == (16 if use_last_layer == 0 else 4)
     x = mnist_images.get_batch(range(6))[0].double()
     eps = tu.reparam_noise(0, 100, tu.TRAIN_SET, torch.arange(6), R, 4, dtype=torch.float64)
-    fast = tu.per_sample_grads(ck.net, names, x, eps, ck.loss_fn)
+    fast = tu.per_sample_grads(ck.net, names, x, eps, ck.loss_fn, factored=False)
     for i in range(6):
         ref = reference_grad(ck.net, names, x[i], eps[i], ck.loss_fn)
         for n, r in zip(names, ref):
             torch.testing.assert_close(fast[n][i], r, rtol=1e-6, atol=1e-10)
+
+
+def test_factored_linear_grads_equal_vmap_and_their_products(tmp_path, mnist_images):
+    """The MLP's hook-based factored gradients against torch.func's vmap(grad), and the products taken on the
+    factors against products of the dense gradients."""
+    ckpts = make_checkpoints(tmp_path, iterations=(100,), z_dim=16)
+    cfg = tu.TracInConfig(dataset="mnist", z_dim=16, beta=4.0, reconstruct_num=4)
+    ck = tu.load_tracin_checkpoint(100, ckpts[0][1], 100, 10, cfg, dtype=torch.float64)
+    names = tu.tracin_parameter_names(ck.net)
+    x = mnist_images.get_batch(range(8))[0].double()
+    eps = tu.reparam_noise(0, 100, tu.TRAIN_SET, torch.arange(8), 4, 16, dtype=torch.float64)
+    factored = tu.per_sample_grads(ck.net, names, x, eps, ck.loss_fn)
+    kinds = {n: type(g).__name__ for n, g in factored.items()}
+    assert kinds["encoder.1.weight"] == "LowRankGrad" and kinds["decoder.6.weight"] == "LowRankGrad"
+    assert kinds["decoder.0.weight"] == "Tensor"  # 16 -> 32: the dense gradient is the cheaper form
+    dense = tu._vmap_per_sample_grads(ck.net, names, x, eps, ck.loss_fn)
+    for n in names:
+        g = factored[n].dense() if isinstance(factored[n], tu.LowRankGrad) else factored[n]
+        torch.testing.assert_close(g, dense[n], rtol=1e-9, atol=1e-12)
+    a, b = tu.concat_grads([{n: _take(g, slice(0, 3)) for n, g in factored.items()},
+                            {n: _take(g, slice(3, 5)) for n, g in factored.items()}]), \
+        {n: _take(g, slice(5, 8)) for n, g in factored.items()}
+    dense_a = {n: g[:5] for n, g in dense.items()}
+    dense_b = {n: g[5:] for n, g in dense.items()}
+    torch.testing.assert_close(tu.grad_dot(a, b), tu.grad_dot(dense_a, dense_b), rtol=1e-10, atol=0)
+    torch.testing.assert_close(tu.grad_sq_norm(factored), tu.grad_sq_norm(dense), rtol=1e-10, atol=0)
+
+
+def _take(g, rows):
+    return tu.LowRankGrad(g.g[rows], g.a[rows]) if isinstance(g, tu.LowRankGrad) else g[rows]
 
 
 def test_vectorised_grads_equal_per_sample_loop_conv(tmp_path, cifar_like_images):
@@ -217,9 +247,9 @@ def test_checkpoint_weights_follow_the_gaps(tmp_path, mnist_images):
     for (it, path, gap), w in zip(tu.checkpoint_schedule(ckpts), expected):
         ck = tu.load_tracin_checkpoint(it, path, gap, n, cfg, dtype=torch.float64)
         eps = tu.reparam_noise(0, it, tu.TRAIN_SET, torch.arange(n), R, 4, dtype=torch.float64)
-        g = tu.per_sample_grads(ck.net, tu.tracin_parameter_names(ck.net), mnist_images.get_batch(range(n))[0].double(),
-                                eps, ck.loss_fn)
-        total += w * tu.grad_sq_norm(g).numpy()
+        x = mnist_images.get_batch(range(n))[0].double()
+        g = tu.per_sample_grads(ck.net, tu.tracin_parameter_names(ck.net), x, eps, ck.loss_fn, factored=False)
+        total += w * np.array([sum(float(t[i].pow(2).sum()) for t in g.values()) for i in range(n)])
     np.testing.assert_allclose(res.influences, total, rtol=1e-10)
     last = tu.find_checkpoints(tmp_path, last_epoch=True)
     assert [it for it, _ in last] == [1000000]
