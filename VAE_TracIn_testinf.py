@@ -18,7 +18,8 @@ Top-1 Acc.); 'test' reads test_<index>.jpg files (index into the dataset's test 
 'gen' samples --test_num images from the prior (saved to <out>/test/<i>.jpg; --load_from_jpg reuses them).
 Writes to <output_root>/<task>/<network_config>/: result{_lastK}{_lastepoch}.pkl (influences (n_test, n_train),
 helpful / harmful orderings per test point, as torch tensors, plus the settings; the settings also as .json), test.jpg,
-proponents.jpg, opponents.jpg (--n_display per test image, one row each) and, for 'test', the influence plots.
+proponents.jpg, opponents.jpg (--n_display per test image, one row each), proponents_opponents.jpg (per row: the
+test image, its proponents, its opponents) and, for 'test', the influence plots.
 """
 import hashlib
 import logging
@@ -113,9 +114,12 @@ def main(argv=None):
                                                   run.out_dir / "traininf_bylatentnorm.jpg")
 
     n = min(args.n_display, len(data))
+    shown = {}
     for key, order in (("proponents", scores.helpful), ("opponents", scores.harmful)):
-        grid = data.get_batch(np.asarray(order)[:, :n].reshape(-1))[0]
-        reports.save_grid(grid, run.out_dir / f"{key}.jpg", nrow=n)
+        shown[key] = data.get_batch(np.asarray(order)[:, :n].reshape(-1))[0]
+        reports.save_grid(shown[key], run.out_dir / f"{key}.jpg", nrow=n)
+    reports.save_influence_overview(images, *(shown[k].unflatten(0, (len(images), n)) for k in shown),
+                                    run.out_dir / "proponents_opponents.jpg")
     print(f"saved the {n} most / least influential training samples of {len(images)} test images to "
           f"{run.out_dir} ({time.time() - start:.1f}s)")
     return out

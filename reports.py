@@ -73,6 +73,23 @@ def save_grid(images, path, nrow=8, pad_value=0.0):
     return save_image_file(make_grid(images, nrow=nrow, pad_value=pad_value), path)
 
 
+def save_influence_overview(test_images, proponents, opponents, path):
+    """One row per test image: the test image, a blank, its proponents, a blank, its opponents.
+
+    test_images (T, C, H, W); proponents, opponents (T, n, C, H, W), strongest first; values in [0, 1].
+    """
+    test_images = torch.as_tensor(test_images).detach().cpu()
+    proponents, opponents = (torch.as_tensor(a).detach().cpu() for a in (proponents, opponents))
+    if proponents.shape != opponents.shape or proponents.shape[0] != len(test_images) \
+            or proponents.shape[2:] != test_images.shape[1:]:
+        raise ValueError(f"expected proponents and opponents of shape (T, n, C, H, W) = (T, n) + "
+                         f"{tuple(test_images.shape[1:])} for {len(test_images)} test images; got "
+                         f"{tuple(proponents.shape)} and {tuple(opponents.shape)}")
+    blank = torch.ones_like(test_images[:, None])  # white separators between the three blocks
+    rows = torch.cat([test_images[:, None], blank, proponents, blank, opponents], dim=1)
+    return save_grid(rows.flatten(0, 1), path, nrow=rows.shape[1], pad_value=1.0)
+
+
 def save_images(images, folder):
     """Each image (B, C, H, W) as ``folder/<i>.jpg`` (the original's generated test points)."""
     folder = Path(folder)

@@ -18,7 +18,8 @@ export VAE_TRACIN_DATA="${DEMO_DATA:-$ROOT/demo/data}"
 CKPT=demo/checkpoints
 OUT=output/demo
 TEST_JPG="$OUT/images/test_mnist"
-COMMON=(--beta 4 --latent_dim 128 --dataset mnist_emnist_extra --ckpt_root "$CKPT" --output_root "$OUT" --resume)
+COMMON=(--beta 4 --latent_dim 128 --dataset mnist_emnist_extra --ckpt_root "$CKPT" --output_root "$OUT" --resume
+        --ckpt_iter 3000)
 
 banner() { printf '\n==== %s ====\n' "$*"; }
 

@@ -178,6 +178,13 @@ def test_task_test_reads_jpgs_in_numeric_order(mnist_root, tmp_path, demo_data, 
     from PIL import Image
     with Image.open(res["out_dir"] / "proponents.jpg") as grid:  # 4 rows (test images) of 4 samples
         assert grid.size == (2 + 4 * 30, 2 + 4 * 30)
+    with Image.open(res["out_dir"] / "proponents_opponents.jpg") as grid:  # test, blank, 4 proponents, blank, 4
+        assert grid.size == (2 + 11 * 30, 2 + 4 * 30)
+        pixels = np.asarray(grid.convert("L"), dtype=float)
+    assert pixels[2:30, 32:60].min() > 250  # the blank after the test image is white
+    # Row 0 starts with test_0.jpg (up to two JPEG round trips), not with the next test image.
+    first = pixels[2:30, 2:30]
+    assert np.abs(first - 255 * test[0][0][0].numpy()).mean() < 5 < np.abs(first - 255 * test[3][0][0].numpy()).mean()
     assert torch.load(res["result_file"], weights_only=True)["influences"].shape == (4, N_TRAIN)
 
 
