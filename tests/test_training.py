@@ -31,12 +31,12 @@ def one_thread():
 
 
 @pytest.fixture
-def run(shared_data, tmp_path):
-    """main() on a small MNIST run writing under tmp_path; extra flags override the defaults."""
+def run(demo_data, tmp_path):
+    """main() on a small MNIST run (shipped demo digits) writing under tmp_path; extra flags override the defaults."""
     def _run(*flags, name="run"):
         base = ["--dataset", "mnist", "--model", "MNIST", "--train_size", "1000", "--z_dim", "8",
                 "--batch_size", "32", "--cuda", "False", "--viz_on", "False", "--save_output", "False",
-                "--dset_dir", str(shared_data), "--ckpt_dir", str(tmp_path / "ck"),
+                "--dset_dir", str(demo_data), "--ckpt_dir", str(tmp_path / "ck"),
                 "--output_dir", str(tmp_path / "out"), "--viz_name", name]
         return main(base + [str(f) for f in flags])
     return _run
@@ -163,8 +163,8 @@ def test_nonfinite_loss_names_iteration(run, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("cwd,script", [("Beta_VAE", "main.py"), (".", "Beta_VAE/main.py")])
-def test_script_runs_from_both_folders(shared_data, tmp_path, cwd, script):
-    env = dict(os.environ, VAE_TRACIN_DATA=str(shared_data), VAE_TRACIN_OFFLINE="1", OMP_NUM_THREADS="1")
+def test_script_runs_from_both_folders(demo_data, tmp_path, cwd, script):
+    env = dict(os.environ, VAE_TRACIN_DATA=str(demo_data), VAE_TRACIN_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-W", "error::DeprecationWarning", script, "--dataset", "mnist", "--seed", "1",
            "--optim", "sgd", "--lr", "1e-4", "--objective", "H", "--model", "MNIST", "--batch_size", "16",
            "--z_dim", "8", "--max_iter", "5", "--beta", "4", "--viz_on", "False", "--viz_name", "sub",
@@ -210,7 +210,7 @@ def test_conv_model_on_cifar_objective_b(shared_data, tmp_path, capsys):
     solver = main(["--dataset", "cifar_zero", "--model", "H", "--z_dim", "4", "--batch_size", "8",
                    "--train_size", "32", "--max_iter", "4", "--objective", "B", "--C_stop_iter", "8",
                    "--display_step", "2", "--cuda", "False", "--viz_on", "False", "--save_output", "True",
-                   "--dset_dir", str(shared_data), "--ckpt_dir", str(tmp_path / "ck"),
+                   "--dset_dir", str(demo_data), "--ckpt_dir", str(tmp_path / "ck"),
                    "--output_dir", str(tmp_path / "out"), "--viz_name", "c"])
     out = capsys.readouterr().out
     assert "[2] recon_loss:" in out and " C:6.250" in out and "[4] recon_loss:" in out
