@@ -210,7 +210,7 @@ def test_conv_model_on_cifar_objective_b(shared_data, tmp_path, capsys):
     solver = main(["--dataset", "cifar_zero", "--model", "H", "--z_dim", "4", "--batch_size", "8",
                    "--train_size", "32", "--max_iter", "4", "--objective", "B", "--C_stop_iter", "8",
                    "--display_step", "2", "--cuda", "False", "--viz_on", "False", "--save_output", "True",
-                   "--dset_dir", str(demo_data), "--ckpt_dir", str(tmp_path / "ck"),
+                   "--dset_dir", str(shared_data), "--ckpt_dir", str(tmp_path / "ck"),
                    "--output_dir", str(tmp_path / "out"), "--viz_name", "c"])
     out = capsys.readouterr().out
     assert "[2] recon_loss:" in out and " C:6.250" in out and "[4] recon_loss:" in out
