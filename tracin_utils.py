@@ -436,7 +436,11 @@ def _grads_for(ckpt, names, images, ids, set_id, cfg, device, dtype):
 
 
 class _Cache:
-    """Per-checkpoint contributions on disk, so an interrupted run resumes after its finished checkpoints."""
+    """Per-checkpoint contributions on disk, so an interrupted run resumes after its finished checkpoints.
+
+    An entry is reused only for the same score key and the same checkpoint file (size and modification time),
+    so a retrained or replaced checkpoint is never served from a stale entry.
+    """
 
     def __init__(self, folder, key):
         self.folder = Path(folder) if folder else None
@@ -445,7 +449,13 @@ class _Cache:
     def _path(self, iteration):
         return self.folder / f"ckpt_{iteration}.pt"
 
-    def get(self, iteration):
+    @staticmethod
+    def _entry_key(key, checkpoint_path):
+        stat = Path(checkpoint_path).stat()
+        return f"{key}:{stat.st_size}:{stat.st_mtime_ns}"
+
+    def get(self, iteration, checkpoint_path):
+        """(contribution, checkpoint summary) cached for this checkpoint, or None."""
         if self.folder is None or not self._path(iteration).is_file():
             return None
         try:
@@ -453,11 +463,14 @@ class _Cache:
         except Exception:
             log.warning("ignoring unreadable cache file %s", self._path(iteration))
             return None
-        return blob["contribution"] if blob.get("key") == self.key else None
+        if not isinstance(blob, dict) or blob.get("key") != self._entry_key(self.key, checkpoint_path):
+            return None
+        return blob["contribution"], blob["summary"]
 
-    def put(self, iteration, contribution):
+    def put(self, iteration, checkpoint_path, contribution, summary):
         if self.folder is not None:
-            atomic_torch_save({"key": self.key, "contribution": contribution}, self._path(iteration))
+            atomic_torch_save({"key": self._entry_key(self.key, checkpoint_path), "contribution": contribution,
+                               "summary": summary}, self._path(iteration))
 
 
 def _run(train_data, checkpoints, cfg, n_rows, contribution_fn, cache_dir, cache_key, device, dtype, progress):
@@ -470,17 +483,18 @@ def _run(train_data, checkpoints, cfg, n_rows, contribution_fn, cache_dir, cache
     cache = _Cache(cache_dir, cache_key)
     summaries = []
     for iteration, path, gap in tqdm(schedule, desc="checkpoints", disable=not progress):
-        cached = cache.get(iteration)
-        ckpt = load_tracin_checkpoint(iteration, path, gap, n_train, cfg, device=device, dtype=dtype)
-        summaries.append(ckpt.summary())
+        cached = cache.get(iteration, path)
         if cached is not None:
             log.info("checkpoint %d: reusing cached contribution", iteration)
-            total += cached
-            continue
-        contribution = contribution_fn(ckpt) * ckpt.weight
-        cache.put(iteration, contribution)
+            contribution, summary = cached
+        else:
+            ckpt = load_tracin_checkpoint(iteration, path, gap, n_train, cfg, device=device, dtype=dtype)
+            summary = ckpt.summary()
+            contribution = contribution_fn(ckpt) * ckpt.weight
+            cache.put(iteration, path, contribution, summary)
+            del ckpt
+        summaries.append(summary)
         total += contribution
-        del ckpt
     influences = total.numpy()
     helpful, harmful = order_by_influence(influences)
     return InfluenceResult(influences=influences, helpful=helpful, harmful=harmful, checkpoints=summaries)

@@ -149,30 +149,34 @@ def _download_allowed(download):
     return paths.downloads_allowed() if download is None else download
 
 
+def _load_idx_pair(folder, names, fetch, download):
+    """(images, labels int64) from the IDX files ``names`` = (images, labels) in ``folder``; when they are missing
+    and downloads are allowed, ``fetch()`` (torchvision's downloader) writes them there first."""
+    if _download_allowed(download) and not all(_exists(folder, n) for n in names):
+        log.info("downloading %s to %s", " and ".join(names), folder)
+        fetch()
+    return read_idx(_find(folder, names[0])), read_idx(_find(folder, names[1])).long()
+
+
 def load_mnist(root: Path, train=True, download=None):
     """MNIST from ``root/MNIST/raw``. Returns images uint8 (N, 1, 28, 28), labels int64 (N,)."""
-    folder = Path(root) / "MNIST" / "raw"
+    import torchvision
     prefix = "train" if train else "t10k"
-    names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    if _download_allowed(download) and not all(_exists(folder, n) for n in names):
-        import torchvision
-        log.info("downloading MNIST to %s", folder)
-        torchvision.datasets.MNIST(str(root), train=train, download=True)
-    images, labels = read_idx(_find(folder, names[0])), read_idx(_find(folder, names[1]))
-    return images.unsqueeze(1), labels.long()
+    images, labels = _load_idx_pair(
+        Path(root) / "MNIST" / "raw", (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"),
+        lambda: torchvision.datasets.MNIST(str(root), train=train, download=True), download)
+    return images.unsqueeze(1), labels
 
 
 def load_emnist_letters(root: Path, train=True, download=None):
     """EMNIST 'letters' from ``root/EMNIST/raw``, turned upright. Images uint8 (N, 1, 28, 28), labels 1..26."""
-    folder = Path(root) / "EMNIST" / "raw"
+    import torchvision
     split = "train" if train else "test"
-    names = (f"emnist-letters-{split}-images-idx3-ubyte", f"emnist-letters-{split}-labels-idx1-ubyte")
-    if _download_allowed(download) and not all(_exists(folder, n) for n in names):
-        import torchvision
-        log.info("downloading EMNIST to %s", folder)
-        torchvision.datasets.EMNIST(str(root), split="letters", train=train, download=True)
-    images, labels = read_idx(_find(folder, names[0])), read_idx(_find(folder, names[1]))
-    return images.transpose(1, 2).contiguous().unsqueeze(1), labels.long()
+    images, labels = _load_idx_pair(
+        Path(root) / "EMNIST" / "raw",
+        (f"emnist-letters-{split}-images-idx3-ubyte", f"emnist-letters-{split}-labels-idx1-ubyte"),
+        lambda: torchvision.datasets.EMNIST(str(root), split="letters", train=train, download=True), download)
+    return images.transpose(1, 2).contiguous().unsqueeze(1), labels
 
 
 def _exists(folder, name):

@@ -223,3 +223,31 @@ def test_dataset_spec_layout():
     assert dataset_spec("cifar_nine")["cifar_class"] == 9 and dataset_spec("cifar_nine")["nc"] == 3
     assert dataset_spec("cifar_celeba_extra")["likelihood"] == "gaussian"
     assert dataset_spec("cifar_celeba_extra")["extra"] == "celeba"
+
+
+@pytest.mark.parametrize("name,folder,downloader", [("mnist", "MNIST", "MNIST"),
+                                                    ("mnist_emnist_extra", "EMNIST", "EMNIST")])
+def test_missing_files_are_downloaded_only_when_allowed(demo_data, tmp_path, monkeypatch, name, folder,
+                                                        downloader):
+    """With downloads allowed, missing IDX files are fetched by torchvision's downloader into the data root (here
+    a fake that copies the demo files: nothing leaves the machine); offline, it is never called."""
+    import torchvision
+    root = tmp_path / "root"
+    root.mkdir()
+    if folder == "EMNIST":
+        (root / "MNIST").symlink_to(demo_data / "MNIST")
+    calls = []
+
+    def fake_download(target, download, **kwargs):
+        calls.append((target, download))
+        shutil.copytree(demo_data / folder, root / folder, dirs_exist_ok=True)
+
+    monkeypatch.setattr(torchvision.datasets, downloader, fake_download)
+    with pytest.raises(DataError, match=folder):
+        build_dataset(name, train_size=10, extra_size=5, data_dir=root, download=False)
+    assert calls == []
+    ds = build_dataset(name, train_size=10, extra_size=5, data_dir=root, download=True)
+    assert calls == [(str(root), True)]
+    assert len(ds) == (15 if folder == "EMNIST" else 10)
+    build_dataset(name, train_size=10, extra_size=5, data_dir=root, download=True)
+    assert len(calls) == 1  # present now: no second download

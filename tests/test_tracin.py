@@ -278,6 +278,20 @@ def test_resume_from_cache_reuses_finished_checkpoints(three_ckpts, mnist_images
     again = tu.self_influence(mnist_images, three_ckpts, cfg, dtype=torch.float64, cache_dir=tmp_path,
                               progress=False)
     np.testing.assert_array_equal(again.influences, first.influences)
+    assert again.checkpoints == first.checkpoints
+
+
+def test_cache_is_not_reused_for_a_replaced_checkpoint(tmp_path, mnist_images):
+    folder, cache = tmp_path / "ckpts", tmp_path / "cache"
+    folder.mkdir()
+    ckpts = make_checkpoints(folder, iterations=(100, 200))
+    cfg = cfg_for()
+    first = tu.self_influence(mnist_images, ckpts, cfg, dtype=torch.float64, cache_dir=cache, progress=False)
+    make_checkpoints(folder, iterations=(100, 200), seed=1)  # retrained: same names, other weights
+    again = tu.self_influence(mnist_images, ckpts, cfg, dtype=torch.float64, cache_dir=cache, progress=False)
+    fresh = tu.self_influence(mnist_images, ckpts, cfg, dtype=torch.float64, progress=False)
+    np.testing.assert_array_equal(again.influences, fresh.influences)
+    assert not np.allclose(again.influences, first.influences)
 
 
 # ------------------------------------------------------------------------------------------- bad input
