@@ -19,6 +19,7 @@ import time
 import reports
 import tracin_cli as cli
 import tracin_utils as tu
+from Beta_VAE import runtime
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ def parse_args(argv=None):
 @cli.guarded
 def main(argv=None):
     args = parse_args(argv)
-    cli.set_seeds(args.seed)
-    cli.setup_logging()
+    runtime.set_seeds(args.seed)
+    runtime.setup_logging()
     start = time.time()
     run = cli.prepare(args, kind="self_influence")
     data = run.train_data
@@ -70,4 +71,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    runtime.one_line_warnings()
     main()

@@ -30,6 +30,7 @@ import numpy as np
 import reports
 import tracin_cli as cli
 import tracin_utils as tu
+from Beta_VAE import runtime
 from Beta_VAE.dataset import dataset_spec
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ def test_points(args, run):
         images = cli.sample_prior(run.feature.net, args.test_num, args.seed, run.device)
         reports.save_images(images, run.out_dir / "test")
         return images, None, [f"{i}.jpg" for i in range(len(images))], None
+    if not args.load_from_jpg_dir and not jpg_dir.is_dir():
+        raise SystemExit(f"error: --task {args.task} reads test images from --load_from_jpg_dir, by default {jpg_dir}, "
+                         f"which does not exist: pass --load_from_jpg --load_from_jpg_dir DIR (e.g. "
+                         f"output/images/test_mnist; tools/export_test_images.py writes such a folder)")
     images, names, indices = cli.load_test_images(jpg_dir, run.feature.net.input_shape)
     print(f"read {len(names)} test images from {cli.resolve_dir(jpg_dir)}")
     return images, None, names, indices
@@ -73,8 +78,8 @@ def test_points(args, run):
 @cli.guarded
 def main(argv=None):
     args = parse_args(argv)
-    cli.set_seeds(args.seed)
-    cli.setup_logging()
+    runtime.set_seeds(args.seed)
+    runtime.setup_logging()
     start = time.time()
     run = cli.prepare(args, kind=args.task)
     data, net, spec = run.train_data, run.feature.net, dataset_spec(args.dataset)
@@ -97,7 +102,10 @@ def main(argv=None):
     if args.task == "test":
         train_labels = cli.train_labels(data)
         test_labels = cli.test_split_labels(args.dataset, indices, args.dset_dir)
-        if spec["base"] != "celeba" and (test_labels >= 0).any():
+        one_class = len(np.unique(train_labels[train_labels >= 0])) <= 1
+        if one_class:
+            print("one-class training set: label agreement of proponents / opponents not computed")
+        elif (test_labels >= 0).any():
             out["proponent_same_label"] = reports.label_agreement(scores.helpful[:, 0], train_labels, test_labels)
             out["opponent_same_label"] = reports.label_agreement(scores.harmful[:, 0], train_labels, test_labels)
             print("strongest proponents with the test image's label: {:.1%}".format(out["proponent_same_label"]))
@@ -126,4 +134,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    runtime.one_line_warnings()
     main()

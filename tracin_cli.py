@@ -17,9 +17,9 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ import paths
 import tracin_utils as tu
 from Beta_VAE.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
 from Beta_VAE.dataset import DATASETS, DataError, build_dataset, dataset_spec
+from Beta_VAE.runtime import select_device
 
 log = logging.getLogger(__name__)
 
@@ -105,37 +106,19 @@ def base_parser(description, n_display) -> argparse.ArgumentParser:
 
 
 # -------------------------------------------------------------------------------------- process set-up
-def setup_logging():
-    """INFO logging to stderr unless the caller (pytest, an application) configured logging already."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
-def set_seeds(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def select_device(gpu) -> torch.device:
-    """``cuda:<gpu>`` when CUDA is present, else the CPU with a one-line notice."""
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        if not 0 <= gpu < n:
-            raise SystemExit(f"error: --gpu {gpu}: only {n} CUDA device(s) are visible (0-{n - 1})")
-        return torch.device(f"cuda:{gpu}")
-    log.warning("CUDA is not available: running on the CPU (--gpu %d ignored)", gpu)
-    return torch.device("cpu")
-
-
 def guarded(main):
-    """Turn the project's expected errors (checkpoints, data) into ``SystemExit('error: <one line>')``."""
+    """The project's expected errors (checkpoints, data) as ``SystemExit('error: <one line>')``; Ctrl-C as one
+    line (the checkpoints already finished are kept for the rerun)."""
     @functools.wraps(main)
     def wrapper(argv=None):
         try:
             return main(argv)
         except (CheckpointError, DataError) as exc:
             raise SystemExit("error: " + " ".join(str(exc).split())) from None
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume: the checkpoints already finished are kept",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
     return wrapper
 
 
@@ -182,8 +165,8 @@ def feature_checkpoint(folder, ckpt_iter):
     if path.is_file():
         return int(ckpt_iter), path
     iteration, path = tu.find_checkpoints(folder)[-1]
-    log.warning("--ckpt_iter %d: no file %s; using the last numbered checkpoint, %d, for the ELBO / latents",
-                ckpt_iter, Path(folder) / str(ckpt_iter), iteration)
+    log.info("--ckpt_iter %d: no file %s; the ELBO / latents / samples use the last numbered checkpoint, %d",
+             ckpt_iter, Path(folder) / str(ckpt_iter), iteration)
     return iteration, path
 
 
@@ -370,7 +353,11 @@ def load_test_images(folder, input_shape):
         except (OSError, UnidentifiedImageError) as exc:
             log.warning("--load_from_jpg_dir: skipping %s: unreadable image (%s)", path.name, exc)
             continue
-        entries.append((file_index(path.name), path.name, tensor))
+        index = file_index(path.name)
+        if index is None:
+            log.warning("--load_from_jpg_dir: %s has no index in its name (test_<index>.jpg): used as a test image "
+                        "without a label", path.name)
+        entries.append((index, path.name, tensor))
     if not entries:
         raise SystemExit(f"error: --load_from_jpg_dir {folder} holds no images (expected test_<index>.jpg files)")
     entries.sort(key=lambda e: (e[0] is None, e[0] if e[0] is not None else 0, e[1]))
@@ -385,6 +372,10 @@ def test_split_labels(dataset, indices, data_dir):
     except DataError as exc:
         log.warning("no test labels (%s): label plots skipped", " ".join(str(exc).split()))
         return np.full(len(indices), -1)
+    beyond = [i for i in indices if i is not None and not 0 <= i < len(labels)]
+    if beyond:
+        log.warning("test image index(es) %s beyond the %d images of the %s test split: no label for them",
+                    ", ".join(map(str, beyond[:5])) + (" ..." if len(beyond) > 5 else ""), len(labels), dataset)
     return np.array([int(labels[i]) if i is not None and 0 <= i < len(labels) else -1 for i in indices])
 
 

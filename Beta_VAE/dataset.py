@@ -149,12 +149,33 @@ def _download_allowed(download):
     return paths.downloads_allowed() if download is None else download
 
 
+def _download(fetch, folder, what):
+    """Run ``fetch()`` (a torchvision downloader writing into ``folder``). A failure (no network, a bad mirror)
+    is a DataError naming the folder; folders it created and left empty are removed again."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    log.info("missing %s in %s: downloading with torchvision", what, folder)
+    try:
+        fetch()
+    except Exception as exc:  # URLError, RuntimeError, OSError, ... depending on where the download fails
+        created = folder
+        while created != existing:
+            if created.is_dir() and not any(created.iterdir()):
+                created.rmdir()
+            created = created.parent
+        reason = " ".join(str(exc).split())[:160]
+        raise DataError(f"missing {what} in {folder}, and downloading failed ({type(exc).__name__}: "
+                        f"{reason}); put the files there, or set ${paths.DATA_ENV_VAR} or --dset_dir to a data "
+                        f"folder holding them (set ${paths.OFFLINE_ENV_VAR}=1 to never download)") from None
+
+
 def _load_idx_pair(folder, names, fetch, download):
     """(images, labels int64) from the IDX files ``names`` = (images, labels) in ``folder``; when they are missing
     and downloads are allowed, ``fetch()`` (torchvision's downloader) writes them there first."""
     if _download_allowed(download) and not all(_exists(folder, n) for n in names):
-        log.info("downloading %s to %s", " and ".join(names), folder)
-        fetch()
+        _download(fetch, folder, " and ".join(names))
     return read_idx(_find(folder, names[0])), read_idx(_find(folder, names[1])).long()
 
 
@@ -194,8 +215,7 @@ def load_cifar10(root: Path, train=True, download=None):
     folder = Path(root) / "cifar-10-batches-py"
     file_list = torchvision.datasets.CIFAR10.train_list if train else torchvision.datasets.CIFAR10.test_list
     if _download_allowed(download) and not all((folder / n).is_file() for n, _ in file_list):
-        log.info("downloading CIFAR-10 to %s", root)
-        torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+        _download(lambda: torchvision.datasets.CIFAR10(str(root), train=train, download=True), folder, "CIFAR-10")
     images, labels, modified = [], [], []
     for name, md5 in file_list:
         path = folder / name

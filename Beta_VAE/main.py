@@ -19,16 +19,14 @@ if sys.path and Path(sys.path[0] or ".").resolve() == _HERE:
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import random  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import paths  # noqa: E402
-from Beta_VAE.checkpoint import CheckpointError  # noqa: E402
+from Beta_VAE.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from Beta_VAE.dataset import DATASETS, DataError, dataset_spec  # noqa: E402
 from Beta_VAE.model import MODELS  # noqa: E402
+from Beta_VAE.runtime import one_line_warnings, select_device, set_seeds, setup_logging  # noqa: E402
 
 log = logging.getLogger("Beta_VAE")
 
@@ -79,7 +77,7 @@ def build_parser():
     p.add_argument("--beta1", default=0.9, type=float, help="Adam beta1")
     p.add_argument("--beta2", default=0.999, type=float, help="Adam beta2")
     p.add_argument("--dset_dir", default=None, type=str,
-                   help=f"data root (default: ${paths.DATA_ENV_VAR}, else {paths.DEFAULT_DATA_ROOT})")
+                   help=f"data root; when not given: ${paths.DATA_ENV_VAR}, else {paths.DEFAULT_DATA_ROOT}")
     p.add_argument("--dataset", default="CelebA", type=str, help=f"one of {', '.join(DATASETS)} (any case)")
     p.add_argument("--image_size", default=64, type=int, help="image side for CIFAR / CelebA (MNIST stays 28)")
     p.add_argument("--num_workers", default=2, type=int, help="DataLoader workers (CelebA only)")
@@ -126,40 +124,6 @@ def check_args(parser, args):
     return args
 
 
-def set_seeds(seed):
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def choose_device(args):
-    """The one device of the run: cuda:<gpu> when asked for and present, else cpu (with a notice)."""
-    if args.cuda and torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-        return torch.device(f"cuda:{args.gpu}")
-    if args.cuda:
-        log.warning("--cuda True but no CUDA device is available: running on CPU")
-    return torch.device("cpu")
-
-
-class _TqdmHandler(logging.Handler):
-    """Log lines written through tqdm, so they do not break the progress bar."""
-
-    def emit(self, record):
-        tqdm.write(self.format(record), file=sys.stderr)
-
-
-def setup_logging():
-    root = logging.getLogger()
-    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
-
-
 def main(argv=None):
     """Parse ``argv`` (default sys.argv[1:]), train or traverse; returns the Solver."""
     parser = build_parser()
@@ -167,7 +131,9 @@ def main(argv=None):
     set_seeds(args.seed)
     setup_logging()
     check_args(parser, args)
-    device = choose_device(args)
+    device = select_device(args.gpu, use_cuda=args.cuda)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     from Beta_VAE.solver import Solver, TrainingDiverged
     try:
@@ -182,17 +148,15 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}") from None
     except KeyboardInterrupt:
         last = Path(args.ckpt_dir) / args.viz_name / "last"
-        log.warning("interrupted; rerun the same command to resume from %s", last if last.is_file() else "scratch")
+        if last.is_file():
+            where = f"from {last} (iteration {load_checkpoint(last)['iter']})"
+        else:
+            where = "from scratch (no checkpoint was saved)"
+        print(f"interrupted; rerun the same command to resume {where}", file=sys.stderr)
         raise SystemExit(130) from None
     return solver
 
 
-def _one_line_warnings():
-    """Warnings of a command-line run as one line each (no source line echoed under the progress bar)."""
-    import warnings
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
-
-
 if __name__ == "__main__":
-    _one_line_warnings()
+    one_line_warnings()
     main()

@@ -23,12 +23,17 @@ from Beta_VAE.checkpoint import (LAST, CheckpointError, atomic_torch_save, check
 from Beta_VAE.dataset import DataError, ImageDataset, build_dataset, dataset_spec
 from Beta_VAE.losses import beta_vae_loss, capacity, kl_divergence
 from Beta_VAE.model import build_model
+from Beta_VAE.runtime import InterruptAfterStep
 from Beta_VAE.traverse import Visdom, run_traversal
 
 log = logging.getLogger(__name__)
 
-# Config entries that must match to resume from a checkpoint (they fix the network and what it is trained on).
-MUST_MATCH = ("dataset", "model", "z_dim", "nc")
+# Config entries that must match to resume from a checkpoint: they fix the network, the data it is trained on and
+# the objective, so every checkpoint of a run folder answers to the same TracIn flags (--beta, --dataset, sizes).
+MUST_MATCH = ("dataset", "train_size", "extra_size", "image_size", "model", "z_dim", "nc", "objective", "beta",
+              "likelihood")
+# Objective B's own settings, which must match too when it is the objective.
+MUST_MATCH_B = ("gamma", "C_max", "C_stop_iter")
 
 
 class TrainingDiverged(RuntimeError):
@@ -146,13 +151,14 @@ class Solver:
         state = load_checkpoint(path, map_location=self.device)
         check_finite(state, path)
         config = state.get("config") or {}
-        for key in MUST_MATCH:
+        must_match = MUST_MATCH + (MUST_MATCH_B if self.config["objective"] == "B" else ())
+        for key in must_match:
             if key in config and config[key] != self.config[key]:
                 raise CheckpointError(f"checkpoint {path} was trained with {key}={config[key]!r}, but this run "
                                       f"has {key}={self.config[key]!r}: pass the same flags or another "
                                       f"--viz_name")
         changed = [f"{k}: {config[k]!r} -> {self.config[k]!r}" for k in self.config
-                   if k in config and k not in MUST_MATCH + ("max_iter",) and config[k] != self.config[k]]
+                   if k in config and k not in must_match + ("max_iter",) and config[k] != self.config[k]]
         if changed:
             log.warning("resuming %s with changed settings (%s)", path, "; ".join(changed))
         try:
@@ -199,50 +205,56 @@ class Solver:
             return self
         self.net.train()
         batches = self._batches()
-        shown = saved = -1  # the last iteration whose loss line / traversal and 'last' checkpoint were written
-        values = None
         pbar = tqdm(total=self.max_iter, initial=self.global_iter, desc=a.viz_name, dynamic_ncols=True,
                     mininterval=1.0)
+        # The last iteration whose loss line / traversal and 'last' checkpoint were written.
+        shown = saved = -1
+        values, C = None, capacity(self.global_iter, a.C_max, a.C_stop_iter)
+        # A first Ctrl-C takes effect after the current step, so the 'last' saved for the rerun is consistent.
+        interrupt = InterruptAfterStep("interrupt: saving 'last' after this iteration (Ctrl-C again to stop now)")
         try:
-            while self.global_iter < self.max_iter:
-                x = next(batches)
-                self.global_iter += 1
-                it = self.global_iter
-                logits, mu, logvar = self.net(x)
-                C = capacity(it, a.C_max, a.C_stop_iter)
-                loss, recon, kl = beta_vae_loss(x, logits, mu, logvar, likelihood=self.spec["likelihood"],
-                                                objective=a.objective, beta=a.beta, gamma=a.gamma, C=C,
-                                                reduction="mean")
-                loss_v, recon_v, kl_v = torch.stack([loss, recon, kl]).detach().tolist()  # one device sync
-                if not math.isfinite(loss_v):
-                    raise TrainingDiverged(
-                        f"training diverged at iteration {it}: loss {loss_v:.4g} (reconstruction loss "
-                        f"{recon_v:.4g}, KL {kl_v:.4g}); stopped before the update, no checkpoint was written "
-                        f"for it; lower --lr")
-                self.optim.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optim.step()
-                values = (recon_v, kl_v)
-                for key, v in zip(("loss", "recon", "kl"), (loss_v, recon_v, kl_v)):
-                    self.history[key].append(v)
-                pbar.update(1)
+            with interrupt:
+                while self.global_iter < self.max_iter:
+                    x = next(batches)
+                    self.global_iter += 1
+                    it = self.global_iter
+                    logits, mu, logvar = self.net(x)
+                    C = capacity(it, a.C_max, a.C_stop_iter)
+                    loss, recon, kl = beta_vae_loss(x, logits, mu, logvar, likelihood=self.spec["likelihood"],
+                                                    objective=a.objective, beta=a.beta, gamma=a.gamma, C=C,
+                                                    reduction="mean")
+                    loss_v, recon_v, kl_v = torch.stack([loss, recon, kl]).detach().tolist()  # one device sync
+                    if not math.isfinite(loss_v):
+                        raise TrainingDiverged(
+                            f"training diverged at iteration {it}: loss {loss_v:.4g} (reconstruction loss "
+                            f"{recon_v:.4g}, KL {kl_v:.4g}); stopped before the update, no checkpoint was "
+                            f"written for it; lower --lr")
+                    self.optim.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optim.step()
+                    values = (recon_v, kl_v)
+                    for key, v in zip(("loss", "recon", "kl"), (loss_v, recon_v, kl_v)):
+                        self.history[key].append(v)
+                    pbar.update(1)
 
-                if self.viz is not None and every(a.gather_step, it):
-                    dim_kld = kl_divergence(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(0)  # (z_dim,)
-                    self.viz.gather(it, recon, dim_kld, mu.mean(0), logvar.exp().mean(0))
-                if every(a.display_step, it):
-                    self.display(C)
-                    if self.viz is not None:
-                        self.viz.reconstruction(x, torch.sigmoid(logits), it)
-                        self.viz.send_lines()
-                    self.visualize()
-                    shown = it
-                if every(a.save_step, it):
-                    self.save(LAST, values)
-                    saved = it
-                    pbar.write(f"Saved checkpoint(iter:{it})")
-                if every(a.ckpt_every, it):
-                    self.save(str(it), values)
+                    if self.viz is not None and every(a.gather_step, it):
+                        dim_kld = kl_divergence(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(0)  # (z_dim,)
+                        self.viz.gather(it, recon, dim_kld, mu.mean(0), logvar.exp().mean(0))
+                    if every(a.display_step, it):
+                        self.display(C)
+                        if self.viz is not None:
+                            self.viz.reconstruction(x, torch.sigmoid(logits), it)
+                            self.viz.send_lines()
+                        self.visualize()
+                        shown = it
+                    if every(a.save_step, it) or interrupt.requested:
+                        self.save(LAST, values)
+                        saved = it
+                        pbar.write(f"Saved checkpoint(iter:{it})")
+                    if every(a.ckpt_every, it):
+                        self.save(str(it), values)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
         finally:
             pbar.close()
             batches.close()

@@ -111,7 +111,7 @@ def test_resume_reuses_matching_results_and_recomputes_otherwise(selfinf_all, mn
 
     # A failure while recomputing leaves the existing result whole.
     monkeypatch.setattr(tu, "self_influence", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="130"):
         selfinf.main(flags(mnist_root, out, demo_data, "mnist", "--seed", "5"))
     assert first["result_file"].read_bytes() == before
 
@@ -166,8 +166,9 @@ def test_task_test_reads_jpgs_in_numeric_order(mnist_root, tmp_path, demo_data, 
     for i in (12, 3, 100, 0):
         save_image(test[i][0], jpgs / f"test_{i}.jpg")
     (jpgs / "notes.txt").write_text("not an image\n")
-    res = testinf.main(flags(mnist_root, tmp_path / "out", demo_data, "mnist", "--task", "test", "--load_from_jpg",
-                             "--load_from_jpg_dir", jpgs, "--n_display", 4))
+    with caplog.at_level("WARNING"):
+        res = testinf.main(flags(mnist_root, tmp_path / "out", demo_data, "mnist", "--task", "test",
+                                 "--load_from_jpg", "--load_from_jpg_dir", jpgs, "--n_display", 4))
     assert res["test_names"] == ["test_0.jpg", "test_3.jpg", "test_12.jpg", "test_100.jpg"]
     assert "skipping notes.txt: not an image file" in caplog.text
     printed = capsys.readouterr().out
@@ -186,6 +187,30 @@ def test_task_test_reads_jpgs_in_numeric_order(mnist_root, tmp_path, demo_data, 
     first = pixels[2:30, 2:30]
     assert np.abs(first - 255 * test[0][0][0].numpy()).mean() < 5 < np.abs(first - 255 * test[3][0][0].numpy()).mean()
     assert torch.load(res["result_file"], weights_only=True)["influences"].shape == (4, N_TRAIN)
+
+
+def test_task_test_warns_of_images_without_a_label(mnist_root, tmp_path, demo_data, caplog):
+    jpgs = tmp_path / "jpgs"
+    jpgs.mkdir()
+    test = build_dataset("mnist", train=False, data_dir=demo_data)
+    save_image(test[1][0], jpgs / "test_1.jpg")
+    save_image(test[2][0], jpgs / "test_99999.jpg")  # beyond the 500 demo test digits
+    save_image(test[3][0], jpgs / "my_digit.jpg")    # no index at all
+    with caplog.at_level("WARNING"):
+        res = testinf.main(flags(mnist_root, tmp_path / "out", demo_data, "mnist", "--task", "test",
+                                 "--load_from_jpg_dir", jpgs, "--n_display", 2))
+    assert res["test_names"] == ["test_1.jpg", "test_99999.jpg", "my_digit.jpg"]
+    assert "my_digit.jpg has no index in its name" in caplog.text
+    assert "99999 beyond the 500 images of the mnist test split" in caplog.text
+    # Only test_1.jpg has a label: the agreement is measured on it alone.
+    assert res["proponent_same_label"] in (0.0, 1.0)
+
+
+def test_task_test_without_a_jpg_folder_says_which_flags(mnist_root, tmp_path, demo_data):
+    with pytest.raises(SystemExit) as exc:
+        testinf.main(flags(mnist_root, tmp_path / "out", demo_data, "mnist", "--task", "test"))
+    message = str(exc.value.code)
+    assert "--load_from_jpg --load_from_jpg_dir" in message and "\n" not in message
 
 
 def test_task_gen_saves_generated_test_points(mnist_root, tmp_path, demo_data):
@@ -219,6 +244,7 @@ def test_cifar_family_data_cleaning_and_test_influence(tmp_path, shared_data):
     for name in ("proponents.jpg", "opponents.jpg", "test.jpg", "traininf_bylatentnorm.jpg"):
         assert (res["out_dir"] / name).stat().st_size > 0, name
     assert not (res["out_dir"] / "traininf_distribution.pdf").exists()  # MNIST family only
+    assert 0 <= res["proponent_same_label"] <= 1
 
 
 # -------------------------------------------------------------------------------------------- bad input
@@ -264,3 +290,31 @@ def test_detection_numbers_match_the_original_definition():
     helpful = np.array([[0, 2, 1], [0, 1, 2]])
     assert reports.self_ranks(helpful, [0, 2]).tolist() == [0, 2]
     assert reports.normalize(np.array([-4.0, 2.0])).tolist() == [-1.0, 0.5]
+
+
+def test_ctrl_c_is_one_line_and_keeps_finished_checkpoints(mnist_root, tmp_path, demo_data, monkeypatch, capsys,
+                                                           caplog):
+    """Interrupted after the first checkpoint: one line, exit 130; the rerun reuses that checkpoint's sums and
+    gives the scores of an uninterrupted run."""
+    out = tmp_path / "out"
+    real = tu.load_tracin_checkpoint
+    loaded = []
+
+    def interrupt_at_the_second(*args, **kwargs):
+        loaded.append(args[0])
+        if len(loaded) == 3:  # the --ckpt_iter one, the first TracIn one, then Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tu, "load_tracin_checkpoint", interrupt_at_the_second)
+    with pytest.raises(SystemExit) as exc:
+        selfinf.main(flags(mnist_root, out, demo_data))
+    assert exc.value.code == 130 and "rerun the same command to resume" in capsys.readouterr().err
+    monkeypatch.setattr(tu, "load_tracin_checkpoint", real)
+    with caplog.at_level("INFO"):
+        again = selfinf.main(flags(mnist_root, out, demo_data))
+    assert "checkpoint 100: reusing cached contribution" in caplog.text
+    whole = selfinf.main(flags(mnist_root, tmp_path / "whole", demo_data))
+    a = torch.load(again["result_file"], weights_only=True)["influences"]
+    b = torch.load(whole["result_file"], weights_only=True)["influences"]
+    assert torch.equal(a, b)

@@ -1,6 +1,7 @@
 """Every dataset name of the project, built from the offline real data ($VAE_TRACIN_DATA)."""
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +252,26 @@ def test_missing_files_are_downloaded_only_when_allowed(demo_data, tmp_path, mon
     assert len(ds) == (15 if folder == "EMNIST" else 10)
     build_dataset(name, train_size=10, extra_size=5, data_dir=root, download=True)
     assert len(calls) == 1  # present now: no second download
+
+
+@pytest.mark.parametrize("name,downloader,folder", [("mnist", "MNIST", "MNIST/raw"),
+                                                    ("cifar", "CIFAR10", "cifar-10-batches-py")])
+def test_failed_download_is_one_clear_error_and_leaves_no_empty_folders(tmp_path, monkeypatch, name, downloader,
+                                                                        folder):
+    import urllib.error
+    import torchvision
+    root = tmp_path / "new" / "data"
+
+    def failing_download(target, **kwargs):
+        (Path(target) / folder).mkdir(parents=True)  # as torchvision does before fetching
+        raise urllib.error.URLError("Name or service not known")
+
+    real = getattr(torchvision.datasets, downloader)
+    for attr in ("train_list", "test_list"):  # the loader reads CIFAR-10's file list from the class
+        if hasattr(real, attr):
+            setattr(failing_download, attr, getattr(real, attr))
+    monkeypatch.setattr(torchvision.datasets, downloader, failing_download)
+    with pytest.raises(DataError, match="downloading failed .URLError") as info:
+        build_dataset(name, data_dir=root, download=True)
+    assert str(root / folder) in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []

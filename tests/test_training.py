@@ -109,6 +109,44 @@ def test_resume_with_other_architecture_is_a_clear_error(run):
         run("--max_iter", 10, "--z_dim", 16)
 
 
+@pytest.mark.parametrize("flag,value,words", [("--beta", 2, "beta=4.0.*beta=2.0"),
+                                              ("--train_size", 500, "train_size=1000.*train_size=500"),
+                                              ("--objective", "B", "objective='H'.*objective='B'")])
+def test_resume_with_other_objective_or_data_is_a_clear_error(run, tmp_path, flag, value, words):
+    """Every checkpoint of a run folder must answer to the same TracIn flags: no silent change of beta or data."""
+    run("--max_iter", 5, "--ckpt_every", 5)
+    with pytest.raises(SystemExit, match=words):
+        run("--max_iter", 10, "--ckpt_every", 5, flag, value)
+    assert sorted(p.name for p in (tmp_path / "ck" / "run").iterdir()) == ["5", "last"]
+
+
+def test_ctrl_c_saves_last_after_the_step_and_the_rerun_resumes(run, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C at iteration 7 finishes that step, saves 'last' at 7 and stops; the same command resumes there."""
+    import signal
+    import Beta_VAE.solver as solver_module
+    calls = []
+    real_loss = solver_module.beta_vae_loss
+
+    def loss_with_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            signal.raise_signal(signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(solver_module, "beta_vae_loss", loss_with_ctrl_c)
+    with pytest.raises(SystemExit) as info:
+        run("--max_iter", 20, "--save_step", 100, "--ckpt_every", 5, "--optim", "sgd", name="cut")
+    assert info.value.code == 130
+    last = tmp_path / "ck" / "cut" / "last"
+    assert "resume from" in capsys.readouterr().err and load_checkpoint(last)["iter"] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    monkeypatch.setattr(solver_module, "beta_vae_loss", real_loss)
+    resumed = run("--max_iter", 20, "--save_step", 100, "--ckpt_every", 5, "--optim", "sgd", name="cut")
+    assert resumed.history_start == 7 and resumed.global_iter == 20
+    assert sorted(p.name for p in last.parent.iterdir()) == ["10", "15", "20", "5", "last"]
+    assert load_checkpoint(last.parent / "5")["iter"] == 5 and load_checkpoint(last)["iter"] == 20
+
+
 def test_original_format_checkpoint(run, tmp_path):
     """A checkpoint as the original code wrote it (no config) loads and resumes."""
     torch.manual_seed(0)
@@ -174,7 +212,7 @@ def test_script_runs_from_both_folders(demo_data, tmp_path, cwd, script):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[5] recon_loss:" in result.stdout
     if not torch.cuda.is_available():
-        assert "--cuda True but no CUDA device is available: running on CPU" in result.stderr
+        assert "CUDA is not available: running on the CPU (--gpu 0 ignored)" in result.stderr
     assert load_checkpoint(tmp_path / "ck" / "sub" / "last")["iter"] == 5
     assert (tmp_path / "out" / "sub" / "5" / "random_z.gif").is_file()  # traversal at the end
 
