@@ -33,8 +33,6 @@ def parse_args(argv=None):
 @cli.guarded
 def main(argv=None):
     args = parse_args(argv)
-    runtime.set_seeds(args.seed)
-    runtime.setup_logging()
     start = time.time()
     run = cli.prepare(args, kind="self_influence")
     data = run.train_data

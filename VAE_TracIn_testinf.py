@@ -78,8 +78,6 @@ def test_points(args, run):
 @cli.guarded
 def main(argv=None):
     args = parse_args(argv)
-    runtime.set_seeds(args.seed)
-    runtime.setup_logging()
     start = time.time()
     run = cli.prepare(args, kind=args.task)
     data, net, spec = run.train_data, run.feature.net, dataset_spec(args.dataset)

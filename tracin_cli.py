@@ -32,7 +32,7 @@ import paths
 import tracin_utils as tu
 from Beta_VAE.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
 from Beta_VAE.dataset import DATASETS, DataError, build_dataset, dataset_spec
-from Beta_VAE.runtime import select_device
+from Beta_VAE.runtime import select_device, set_seeds, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,10 @@ def _sizes(args, recorded, spec):
 
 
 def prepare(args, kind) -> Run:
-    """Resolve device, checkpoints (checked against the flags), training data and output paths."""
+    """Seed everything and set up logging, then resolve device, checkpoints (checked against the flags), training
+    data and output paths."""
+    set_seeds(args.seed)
+    setup_logging()
     device = select_device(args.gpu)
     name = network_config(args.dataset, args.beta, args.latent_dim)
     folder = Path(args.ckpt_root).expanduser() / name
