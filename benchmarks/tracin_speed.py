@@ -163,7 +163,7 @@ def main(argv=None):
     parser.add_argument("--data", default=os.environ.get(paths.DATA_ENV_VAR) or str(paths.DEMO_DATA_ROOT),
                         help="data root with MNIST/raw (default $VAE_TRACIN_DATA, else the shipped demo data)")
     parser.add_argument("--n_ckpts", type=int, default=2, help="checkpoints in the set")
-    parser.add_argument("--n_loop", type=int, default=8, help="training samples timed with the per-sample loop")
+    parser.add_argument("--n_loop", type=int, default=32, help="training samples timed with the per-sample loop")
     parser.add_argument("--n_train", type=int, default=512, help="training samples timed with the engine")
     parser.add_argument("--n_test", type=int, default=128, help="test points for pairwise influence")
     parser.add_argument("--chunk_size", type=int, default=32)
@@ -186,6 +186,10 @@ def main(argv=None):
     n_ck = len(checkpoints)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"MNIST model z {Z_DIM}, reconstruct_num 16, {n_ck} checkpoints, chunk {args.chunk_size}")
+
+    # Warm-up (allocator, kernels, thread pool) for both, so neither timing includes one-time start-up costs.
+    loop_style(loop_x[:1], None, checkpoints, cfg, args.device, n_total=args.n_train)
+    tu.self_influence(train_x[:args.chunk_size], checkpoints, cfg, device=args.device, progress=False)
 
     # Self influence.
     (ref, _, _), t_loop = timed(lambda: loop_style(loop_x, None, checkpoints, cfg, args.device,
