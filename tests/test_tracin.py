@@ -321,3 +321,22 @@ def test_contradicting_flags_are_clear_errors(three_ckpts, mnist_images):
         tu.self_influence(mnist_images, three_ckpts, cfg_for(beta=2), progress=False)
     with pytest.raises(CheckpointError, match="trained on --dataset mnist, not mnist_emnist_extra"):
         tu.self_influence(mnist_images, three_ckpts, cfg_for(dataset="mnist_emnist_extra"), progress=False)
+
+
+def test_auto_chunk_size_counts_gradients_and_activations_of_every_draw():
+    net = build_model("MNIST", 128, 1).eval()
+    # Layer outputs of one sample: encoder 784 (view) + 1024 + 1024 + 512 + 512 + 256 + 256 + 256 once, decoder
+    # 256 + 256 + 512 + 512 + 1024 + 1024 + 784 + 784 (view) per draw.
+    assert tu._activation_numel(net, 16) == 4624 + 16 * 5152
+    names = tu.tracin_parameter_names(net)
+    small = tu.TracInConfig(dataset="mnist", z_dim=128, beta=4.0, memory_budget_mb=64)
+    chunk = tu._auto_chunk_size(net, names, small, torch.float32)
+    assert 1 <= chunk < tu._auto_chunk_size(net, names, tu.TracInConfig(dataset="mnist", z_dim=128, beta=4.0,
+                                                                        memory_budget_mb=128), torch.float32)
+    # The conv model's 16 decoder passes of 64x64 images dominate: a much smaller chunk in the same budget.
+    conv = build_model("H", 64, 3).eval()
+    conv_chunk = tu._auto_chunk_size(conv, tu.tracin_parameter_names(conv),
+                                     tu.TracInConfig(dataset="cifar", z_dim=64, beta=2.0, memory_budget_mb=64),
+                                     torch.float32)
+    assert 1 <= conv_chunk < chunk / 4
+    assert tu._auto_chunk_size(net, names, cfg_for(chunk_size=5), torch.float32) == 5
