@@ -86,7 +86,8 @@ def base_parser(description, n_display) -> argparse.ArgumentParser:
                         "(sigmoid-MSE + beta KL) / (3*64*64)")
     p.add_argument("--seed", default=0, type=int, help="seed of everything random, TracIn's noise included")
     p.add_argument("--chunk_size", default=None, type=int,
-                   help="samples per vectorised gradient chunk (default: from a 256 MiB working set on a CPU, 2 GiB on a GPU)")
+                   help="samples per vectorised gradient chunk (default: from a 256 MiB working set on a CPU, "
+                        "2 GiB on a GPU)")
     # files
     p.add_argument("--ckpt_root", default=str(paths.CHECKPOINT_ROOT),
                    help="folder holding <network_config>/ with numbered checkpoints (default: Beta_VAE/checkpoints)")

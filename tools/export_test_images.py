@@ -41,7 +41,8 @@ def parse_indices(tokens, flag):
             else:
                 out.append(int(token))
         except ValueError:
-            raise SystemExit(f"{flag}: {token!r} is neither an index nor a range low-high (low <= high) like 0-127") from None
+            raise SystemExit(f"{flag}: {token!r} is neither an index nor a range low-high (low <= high) "
+                             f"like 0-127") from None
     return list(dict.fromkeys(out))
 
 
