@@ -38,7 +38,7 @@ def main(argv=None):
     data = run.train_data
 
     scores = cli.load_or_compute(run, run.identity(script="selfinf"), lambda cache_dir: tu.self_influence(
-        data, run.checkpoints, run.cfg, device=run.device, cache_dir=cache_dir))
+        data, run.checkpoints, run.cfg, device=run.device, cache_dir=cache_dir, cache_tag=run.data_tag))
     out = {"out_dir": run.out_dir, "result_file": run.result_path, "recomputed": scores.recomputed,
            "n_train": len(data)}
 

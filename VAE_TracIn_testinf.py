@@ -87,7 +87,8 @@ def main(argv=None):
     identity = run.identity(script="testinf", task=args.task, test_names=names,
                             test_digest=hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16])
     scores = cli.load_or_compute(run, identity, lambda cache_dir: tu.pairwise_influence(
-        images, data, run.checkpoints, run.cfg, test_train_indices=ids, device=run.device, cache_dir=cache_dir))
+        images, data, run.checkpoints, run.cfg, test_train_indices=ids, device=run.device, cache_dir=cache_dir,
+        cache_tag=run.data_tag))
     out = {"out_dir": run.out_dir, "result_file": run.result_path, "recomputed": scores.recomputed,
            "test_names": names, "n_train": len(data)}
 

@@ -147,6 +147,13 @@ class Run:
     def cache_dir(self) -> Path:
         return self.out_dir / f"cache_{self.result_path.stem}"
 
+    @property
+    def data_tag(self) -> dict:
+        """What identifies the training samples: dataset, sizes and the data folder they were read from."""
+        return {"dataset": self.args.dataset, "train_size": self.train_size, "extra_size": self.extra_size,
+                "image_size": self.image_size, "n_train": len(self.train_data),
+                "data_root": str(paths.data_root(self.args.dset_dir))}
+
     def identity(self, **extra) -> dict:
         """Everything that decides the scores; a stored result is reused only if all of it matches."""
         stamp = hashlib.sha256(json.dumps(
@@ -155,8 +162,7 @@ class Run:
         return {"network_config": self.name, "dataset": a.dataset, "beta": float(a.beta),
                 "latent_dim": int(a.latent_dim), "loss": a.loss, "reconstruct_num": a.reconstruct_num,
                 "use_last_layer": a.use_last_layer, "last_epoch": bool(a.last_epoch), "seed": a.seed,
-                "ckpt_suffix": a.ckpt_suffix, "train_size": self.train_size, "extra_size": self.extra_size,
-                "image_size": self.image_size, "n_train": len(self.train_data),
+                "ckpt_suffix": a.ckpt_suffix, **self.data_tag,
                 "checkpoint_iterations": [it for it, _ in self.checkpoints], "checkpoint_stamp": stamp, **extra}
 
 
@@ -281,7 +287,7 @@ def try_resume(path, identity):
 
 def load_or_compute(run: Run, identity: dict, compute):
     """Reuse the result file under --resume when its settings match, else call ``compute(cache_dir)`` (an
-    ``InfluenceResult``) and save it. Returns a namespace: influences / helpful / harmful (numpy), settings,
+    ``InfluenceResult``; ``cache_dir`` keeps its per-checkpoint partial sums) and save it. Returns a namespace: influences / helpful / harmful (numpy), settings,
     recomputed (bool)."""
     if run.args.resume:
         blob, why = try_resume(run.result_path, identity)

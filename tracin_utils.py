@@ -111,9 +111,6 @@ class TracInCheckpoint:
     weight: float
     loss_fn: callable = field(repr=False)
 
-    def summary(self):
-        return {"iteration": self.iteration, "path": str(self.path), "lr": self.lr,
-                "batch_size": self.batch_size, "weight": self.weight}
 
 
 @dataclass
@@ -368,6 +365,11 @@ def _check_against(config, cfg, path):
         raise CheckpointError(f"checkpoint {path} was trained with beta {config['beta']}, but --beta is {cfg.beta}")
 
 
+def checkpoint_weight(lr, batch_size, gap, n_train):
+    """w_c = lr * batch_size * gap / N: the TracIn weight of a checkpoint covering ``gap`` SGD iterations."""
+    return float(lr) * int(batch_size) * gap / n_train
+
+
 def load_tracin_checkpoint(iteration, path, gap, n_train, cfg, device="cpu", dtype=torch.float32):
     """Load one checkpoint as a TracInCheckpoint: network in eval mode, lr, batch size, w_c and loss."""
     state = load_checkpoint(path)
@@ -389,7 +391,7 @@ def load_tracin_checkpoint(iteration, path, gap, n_train, cfg, device="cpu", dty
     if batch_size is None:
         batch_size = ORIGINAL_BATCH_SIZE
         log.warning("checkpoint %s records no batch size: using the original's %d", path, batch_size)
-    weight = lr * batch_size * gap / n_train
+    weight = checkpoint_weight(lr, batch_size, gap, n_train)
     return TracInCheckpoint(iteration=iteration, path=Path(path), net=net, lr=float(lr),
                             batch_size=int(batch_size), weight=float(weight),
                             loss_fn=make_loss_fn(cfg, config, iteration))
@@ -466,10 +468,12 @@ def _grads_for(ckpt, names, images, ids, set_id, cfg, device, dtype):
 
 
 class _Cache:
-    """Per-checkpoint contributions on disk, so an interrupted run resumes after its finished checkpoints.
+    """Per-checkpoint gradient products on disk, so an interrupted run resumes after its finished checkpoints.
 
-    An entry is reused only for the same score key and the same checkpoint file (size and modification time),
-    so a retrained or replaced checkpoint is never served from a stale entry.
+    An entry holds the *unweighted* products of one checkpoint with its lr and batch size, so the weight w_c is
+    recomputed from the current checkpoint schedule (another --ckpt_suffix or an added checkpoint changes the gaps).
+    It is reused only for the same score key (settings, data, test points) and the same checkpoint file (size
+    and modification time), so a retrained or replaced checkpoint is never served from a stale entry.
     """
 
     def __init__(self, folder, key):
@@ -485,7 +489,7 @@ class _Cache:
         return f"{key}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def get(self, iteration, checkpoint_path):
-        """(contribution, checkpoint summary) cached for this checkpoint, or None."""
+        """(products, lr, batch_size) cached for this checkpoint, or None."""
         if self.folder is None or not self._path(iteration).is_file():
             return None
         try:
@@ -495,16 +499,16 @@ class _Cache:
             return None
         if not isinstance(blob, dict) or blob.get("key") != self._entry_key(self.key, checkpoint_path):
             return None
-        return blob["contribution"], blob["summary"]
+        return blob["products"], blob["lr"], blob["batch_size"]
 
-    def put(self, iteration, checkpoint_path, contribution, summary):
+    def put(self, iteration, checkpoint_path, products, lr, batch_size):
         if self.folder is not None:
-            atomic_torch_save({"key": self._entry_key(self.key, checkpoint_path), "contribution": contribution,
-                               "summary": summary}, self._path(iteration))
+            atomic_torch_save({"key": self._entry_key(self.key, checkpoint_path), "products": products,
+                               "lr": lr, "batch_size": batch_size}, self._path(iteration))
 
 
-def _run(train_data, checkpoints, cfg, n_rows, contribution_fn, cache_dir, cache_key, device, dtype, progress):
-    """Checkpoint-outer accumulation shared by self and pairwise influence."""
+def _run(train_data, checkpoints, cfg, n_rows, products_fn, cache_dir, cache_key, device, dtype, progress):
+    """Checkpoint-outer accumulation shared by self and pairwise influence: sum_c w_c * products_fn(checkpoint c)."""
     n_train = len(train_data)
     if n_train == 0:
         raise ValueError("the training set is empty")
@@ -516,31 +520,44 @@ def _run(train_data, checkpoints, cfg, n_rows, contribution_fn, cache_dir, cache
         cached = cache.get(iteration, path)
         if cached is not None:
             log.info("checkpoint %d: reusing cached contribution", iteration)
-            contribution, summary = cached
+            products, lr, batch_size = cached
         else:
             ckpt = load_tracin_checkpoint(iteration, path, gap, n_train, cfg, device=device, dtype=dtype)
-            summary = ckpt.summary()
-            contribution = contribution_fn(ckpt) * ckpt.weight
-            cache.put(iteration, path, contribution, summary)
+            products, lr, batch_size = products_fn(ckpt), ckpt.lr, ckpt.batch_size
+            cache.put(iteration, path, products, lr, batch_size)
             del ckpt
-        summaries.append(summary)
-        total += contribution
+        weight = checkpoint_weight(lr, batch_size, gap, n_train)
+        summaries.append({"iteration": iteration, "path": str(path), "lr": lr, "batch_size": batch_size,
+                          "weight": weight})
+        total += weight * products
     influences = total.numpy()
     helpful, harmful = order_by_influence(influences)
     return InfluenceResult(influences=influences, helpful=helpful, harmful=harmful, checkpoints=summaries)
 
 
+def _data_key(data, cache_tag):
+    """What identifies a set of samples for the cache: the caller's tag (e.g. dataset, sizes and data folder),
+    else a digest of an image tensor, else the dataset's name and layout."""
+    if cache_tag is not None:
+        return cache_tag
+    if torch.is_tensor(data):
+        return hashlib.sha256(data.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
+    return [getattr(data, "name", type(data).__name__), len(data), getattr(data, "n_extra", 0)]
+
+
 def self_influence(train_data, checkpoints, cfg: TracInConfig, *, device="cpu", dtype=torch.float32,
-                   cache_dir=None, progress=True):
+                   cache_dir=None, cache_tag=None, progress=True):
     """VAE-TracIn(x_i, x_i) for every training sample.
 
     train_data: a dataset with ``get_batch`` (Beta_VAE.dataset) or an image tensor (N, C, H, W).
-    checkpoints: [(iteration, path)] from find_checkpoints. Returns InfluenceResult with influences (N,).
+    checkpoints: [(iteration, path)] from find_checkpoints. cache_dir: folder for per-checkpoint partial results
+    (resume after an interruption); cache_tag: what identifies train_data there (JSON-able; default: a digest of
+    a tensor, or the dataset's name and sizes). Returns InfluenceResult with influences (N,).
     """
     n_train = len(train_data)
     all_ids = torch.arange(n_train)
 
-    def contribution(ckpt):
+    def products(ckpt):
         names = tracin_parameter_names(ckpt.net, cfg.use_last_layer)
         chunk = _auto_chunk_size(ckpt.net, names, cfg, dtype)
         out = torch.zeros(n_train, dtype=torch.float64)
@@ -550,17 +567,18 @@ def self_influence(train_data, checkpoints, cfg: TracInConfig, *, device="cpu", 
             out[idx] = grad_sq_norm(grads).double().cpu()
         return out
 
-    key = cfg.fingerprint(kind="self", n_train=n_train)
-    return _run(train_data, checkpoints, cfg, 0, contribution, cache_dir, key, device, dtype, progress)
+    key = cfg.fingerprint(kind="self", n_train=n_train, data=_data_key(train_data, cache_tag))
+    return _run(train_data, checkpoints, cfg, 0, products, cache_dir, key, device, dtype, progress)
 
 
 def pairwise_influence(test_images, train_data, checkpoints, cfg: TracInConfig, *, test_train_indices=None,
-                       device="cpu", dtype=torch.float32, cache_dir=None, progress=True):
+                       device="cpu", dtype=torch.float32, cache_dir=None, cache_tag=None, progress=True):
     """VAE-TracIn(x_i, z_j) for every training sample x_i and test image z_j.
 
     test_images: (T, C, H, W). test_train_indices: when the test images are training samples (sanity check),
     their indices in train_data, so that they get the training samples' noise and TracIn(x_i, x_i) here equals
-    self influence exactly. Returns InfluenceResult with influences (T, N) and orderings per test image.
+    self influence exactly. cache_dir / cache_tag as in self_influence. Returns InfluenceResult with influences
+    (T, N) and orderings per test image.
     """
     test_images = torch.as_tensor(test_images)
     n_test, n_train = len(test_images), len(train_data)
@@ -572,7 +590,7 @@ def pairwise_influence(test_images, train_data, checkpoints, cfg: TracInConfig, 
         test_ids, test_set = torch.arange(n_test), TEST_SET
     all_ids = torch.arange(n_train)
 
-    def contribution(ckpt):
+    def products(ckpt):
         names = tracin_parameter_names(ckpt.net, cfg.use_last_layer)
         chunk = _auto_chunk_size(ckpt.net, names, cfg, dtype)
         test_parts = [_grads_for(ckpt, names, test_images[s:s + chunk], test_ids[s:s + chunk], test_set, cfg,
@@ -587,9 +605,9 @@ def pairwise_influence(test_images, train_data, checkpoints, cfg: TracInConfig, 
         return out
 
     test_digest = hashlib.sha256(test_images.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
-    key = cfg.fingerprint(kind="pairwise", n_train=n_train, test=test_digest, test_set=test_set,
-                          test_ids=test_ids.tolist())
-    return _run(train_data, checkpoints, cfg, n_test, contribution, cache_dir, key, device, dtype, progress)
+    key = cfg.fingerprint(kind="pairwise", n_train=n_train, data=_data_key(train_data, cache_tag),
+                          test=test_digest, test_set=test_set, test_ids=test_ids.tolist())
+    return _run(train_data, checkpoints, cfg, n_test, products, cache_dir, key, device, dtype, progress)
 
 
 def sample_losses(data, checkpoint_path, cfg: TracInConfig, *, iteration=None, device="cpu",

@@ -247,13 +247,17 @@ class Solver:
                             self.viz.send_lines()
                         self.visualize()
                         shown = it
-                    if every(a.save_step, it) or interrupt.requested:
+                    if every(a.save_step, it):
                         self.save(LAST, values)
                         saved = it
                         pbar.write(f"Saved checkpoint(iter:{it})")
                     if every(a.ckpt_every, it):
                         self.save(str(it), values)
+                    # Checked after every save of the step, so a Ctrl-C during one of them still gets 'last'.
                     if interrupt.requested:
+                        if saved != it:
+                            self.save(LAST, values)
+                            pbar.write(f"Saved checkpoint(iter:{it})")
                         raise KeyboardInterrupt
         finally:
             pbar.close()

@@ -340,3 +340,21 @@ def test_auto_chunk_size_counts_gradients_and_activations_of_every_draw():
                                      torch.float32)
     assert 1 <= conv_chunk < chunk / 4
     assert tu._auto_chunk_size(net, names, cfg_for(chunk_size=5), torch.float32) == 5
+
+
+def test_cache_follows_the_checkpoint_schedule_and_the_data(three_ckpts, mnist_images, tmp_path):
+    """Cached products are reused under another schedule (the weights follow the new gaps) and never for other
+    samples of the same count."""
+    cfg = cfg_for()
+    x = mnist_images.get_batch(range(24))[0]
+    tu.self_influence(x, three_ckpts, cfg, dtype=torch.float64, cache_dir=tmp_path, progress=False)
+    later = three_ckpts[1:]  # as with another --ckpt_suffix: checkpoint 250's gap is now 250, not 150
+    cached = tu.self_influence(x, later, cfg, dtype=torch.float64, cache_dir=tmp_path, progress=False)
+    fresh = tu.self_influence(x, later, cfg, dtype=torch.float64, progress=False)
+    np.testing.assert_array_equal(cached.influences, fresh.influences)
+    assert [c["weight"] for c in cached.checkpoints] == [c["weight"] for c in fresh.checkpoints]
+    other = x.flip(0)  # the same number of samples, other images at each index
+    cached = tu.self_influence(other, later, cfg, dtype=torch.float64, cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(cached.influences, tu.self_influence(other, later, cfg, dtype=torch.float64,
+                                                                       progress=False).influences)
+    assert not np.allclose(cached.influences, fresh.influences)

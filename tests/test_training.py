@@ -120,6 +120,22 @@ def test_resume_with_other_objective_or_data_is_a_clear_error(run, tmp_path, fla
     assert sorted(p.name for p in (tmp_path / "ck" / "run").iterdir()) == ["5", "last"]
 
 
+def test_ctrl_c_during_a_numbered_save_still_saves_last(run, tmp_path, monkeypatch):
+    import signal
+    import Beta_VAE.solver as solver_module
+    real_save = solver_module.Solver.save
+
+    def save_with_ctrl_c(self, name, *args):
+        real_save(self, name, *args)
+        if name == "10":
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(solver_module.Solver, "save", save_with_ctrl_c)
+    with pytest.raises(SystemExit):
+        run("--max_iter", 20, "--save_step", 100, "--ckpt_every", 5, "--optim", "sgd", name="cut")
+    assert load_checkpoint(tmp_path / "ck" / "cut" / "last")["iter"] == 10
+
+
 def test_ctrl_c_saves_last_after_the_step_and_the_rerun_resumes(run, tmp_path, monkeypatch, capsys):
     """A Ctrl-C at iteration 7 finishes that step, saves 'last' at 7 and stops; the same command resumes there."""
     import signal
