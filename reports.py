@@ -4,10 +4,7 @@ Everything here consumes scores, orderings, labels, latents and images and compu
 code's ``statistics.py``, without seaborn / pandas / sklearn). matplotlib runs on the Agg backend; every file is
 written to a temporary name in its folder and renamed, so a reader never sees half a figure.
 """
-import contextlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
+
+from Beta_VAE.checkpoint import atomic_write  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +26,8 @@ MAX_KDE_POINTS = 5000
 CMAP = "plasma_r"
 
 
-@contextlib.contextmanager
-def _atomic(path):
-    """Yield a temporary path with the same suffix in the folder of ``path``; rename it to ``path`` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _savefig(fig, path, **kwargs):
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, **kwargs)
     plt.close(fig)
     return Path(path)
@@ -62,7 +43,7 @@ def to_pil(image):
 
 def save_image_file(image, path, quality=95):
     """One image (C, H, W) as a file (format from the suffix)."""
-    with _atomic(path) as tmp:
+    with atomic_write(path) as tmp:
         to_pil(image).save(tmp, quality=quality)
     return Path(path)
 

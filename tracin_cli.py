@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +29,7 @@ import torch
 
 import paths
 import tracin_utils as tu
-from Beta_VAE.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+from Beta_VAE.checkpoint import CheckpointError, atomic_torch_save, atomic_write, load_checkpoint
 from Beta_VAE.dataset import DATASETS, DataError, build_dataset, dataset_spec
 from Beta_VAE.runtime import select_device, set_seeds, setup_logging
 
@@ -233,27 +232,9 @@ def prepare(args, kind) -> Run:
 
 
 # ---------------------------------------------------------------------------------------------- results
-def file_mode():
-    """Permissions of a new file under the current umask (mkstemp's temp files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _atomic_write_text(path, text):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def save_result(path, influences, helpful, harmful, settings):
@@ -263,7 +244,6 @@ def save_result(path, influences, helpful, harmful, settings):
             "harmful": torch.as_tensor(np.asarray(harmful, dtype=np.int64)),
             "settings": settings}
     atomic_torch_save(blob, path)
-    os.chmod(path, file_mode())
     _atomic_write_text(Path(path).with_suffix(".json"), json.dumps(settings, indent=2) + "\n")
 
 

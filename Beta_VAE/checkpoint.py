@@ -9,6 +9,7 @@ A checkpoint is ``torch.save`` of::
 gamma, C_max, C_stop_iter, likelihood, optimizer, lr, batch_size, seed, image_size. The authors' published
 checkpoints have no ``config``; callers then supply the missing values.
 """
+import contextlib
 import logging
 import os
 import tempfile
@@ -27,21 +28,33 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, empty, corrupt, non-finite or inconsistent; the message names the file."""
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a reader never sees a half-written file."""
+@contextlib.contextmanager
+def atomic_write(path):
+    """The project's one way to write a file: yield a temporary path in the folder of ``path`` (hidden name, same
+    suffix, so writers that infer the format from it work); when the block succeeds the file is synced to disk,
+    given the permissions of a new file under the umask (not mkstemp's 0600) and renamed to ``path``, so a reader
+    never sees half a file; when it fails the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def atomic_torch_save(obj, path):
+    """torch.save through atomic_write: a reader never sees a half-written checkpoint."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def make_state(net, optim, iteration, config, win_states=None):

@@ -13,6 +13,7 @@ letters and transposed them only for display; either way the letters are out of 
 import gzip
 import logging
 import pickle
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -133,8 +134,12 @@ def _find(folder: Path, name: str) -> Path:
 def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file (MNIST's format), plain or gzipped, as a uint8 tensor of its stored shape."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # a truncated or foreign .gz (an interrupted download)
+        raise DataError(f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it and download or copy "
+                        f"it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
@@ -165,7 +170,7 @@ def _download(fetch, folder, what):
             if created.is_dir() and not any(created.iterdir()):
                 created.rmdir()
             created = created.parent
-        reason = " ".join(str(exc).split())[:160]
+        reason = textwrap.shorten(" ".join(str(exc).split()), 200, placeholder=" ...")
         raise DataError(f"missing {what} in {folder}, and downloading failed ({type(exc).__name__}: "
                         f"{reason}); put the files there, or set ${paths.DATA_ENV_VAR} or --dset_dir to a data "
                         f"folder holding them (set ${paths.OFFLINE_ENV_VAR}=1 to never download)") from None
@@ -225,10 +230,14 @@ def load_cifar10(root: Path, train=True, download=None):
                             f"or --dset_dir to the folder holding cifar-10-batches-py/")
         if not check_integrity(str(path), md5):
             modified.append(name)
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        except Exception as exc:  # truncated pickle, another file under that name, ...
+            raise DataError(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: "
+                            f"{str(exc)[:120]}); delete it and download or copy it again") from None
     if modified:
         warnings.warn(f"CIFAR-10 files in {folder} differ from the official checksums ({', '.join(modified)}): "
                       f"loading them as a modified copy", UserWarning, stacklevel=2)

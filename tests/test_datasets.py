@@ -275,3 +275,22 @@ def test_failed_download_is_one_clear_error_and_leaves_no_empty_folders(tmp_path
         build_dataset(name, data_dir=root, download=True)
     assert str(root / folder) in str(info.value) and "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar"])
+def test_truncated_data_file_is_one_clear_error(shared_data, tmp_path, name):
+    """A partial download: the first half of a file. One DataError line naming the file."""
+    if name == "mnist":
+        (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+        source = shared_data / "MNIST" / "raw" / "train-images-idx3-ubyte"
+        import gzip
+        bad = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+        bad.write_bytes(gzip.compress(source.read_bytes()[:100000])[:20000])
+        shutil.copy(shared_data / "MNIST" / "raw" / "train-labels-idx1-ubyte", tmp_path / "MNIST" / "raw")
+    else:
+        shutil.copytree(shared_data / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
+        bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+        bad.write_bytes(bad.read_bytes()[:5000])
+    with pytest.raises(DataError) as info:
+        build_dataset(name, data_dir=tmp_path, download=False)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)

@@ -358,3 +358,21 @@ def test_cache_follows_the_checkpoint_schedule_and_the_data(three_ckpts, mnist_i
     np.testing.assert_array_equal(cached.influences, tu.self_influence(other, later, cfg, dtype=torch.float64,
                                                                        progress=False).influences)
     assert not np.allclose(cached.influences, fresh.influences)
+
+
+def test_files_are_written_atomically_with_the_usual_permissions(tmp_path):
+    import os
+    from pathlib import Path
+    from Beta_VAE.checkpoint import atomic_write
+    path = tmp_path / "500"
+    mask = os.umask(0o022)
+    try:
+        atomic_torch_save({"iter": 1}, path)
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others, as any new file (mkstemp's are 0600)
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as tmp:
+            Path(tmp).write_text("half a checkpoint")
+            raise RuntimeError("interrupted")
+    assert torch.load(path, weights_only=True) == {"iter": 1} and list(tmp_path.iterdir()) == [path]

@@ -15,9 +15,7 @@ Examples::
         --out_dir output/images/test_mnist
 """
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +24,7 @@ if str(REPO) not in sys.path:
 
 import paths  # noqa: E402
 from Beta_VAE.dataset import DATASETS, DataError, build_dataset  # noqa: E402
+from reports import save_image_file  # noqa: E402
 
 
 def parse_indices(tokens, flag):
@@ -53,28 +52,6 @@ def read_indices_file(path):
     except OSError as e:
         raise SystemExit(f"--indices_file: cannot read {path}: {e.strerror}") from None
     return [tok for line in text.splitlines() for tok in line.split("#", 1)[0].split()]
-
-
-def to_pil(image):
-    """float tensor (C, H, W) in [0, 1] -> PIL image, mode L for C == 1 and RGB for C == 3."""
-    from PIL import Image
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"expected an image (1 or 3, H, W), got shape {tuple(image.shape)}")
-    arr = image.mul(255).add_(0.5).clamp_(0, 255).byte().permute(1, 2, 0).numpy()  # (H, W, C), as save_image
-    return Image.fromarray(arr[:, :, 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr, mode="RGB")
-
-
-def save_jpg_atomic(img, path, quality=95):
-    """Write ``img`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="JPEG", quality=quality)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None):
@@ -121,7 +98,7 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in indices:
         image, _ = data[i]
-        save_jpg_atomic(to_pil(image), out_dir / f"test_{i}.jpg", quality=args.quality)
+        save_image_file(image, out_dir / f"test_{i}.jpg", quality=args.quality)
     print(f"wrote {len(indices)} {args.dataset} test images (test_<index>.jpg) to {out_dir}")
     return out_dir
 
