@@ -107,8 +107,10 @@ def main(argv=None):
         elif (test_labels >= 0).any():
             out["proponent_same_label"] = reports.label_agreement(scores.helpful[:, 0], train_labels, test_labels)
             out["opponent_same_label"] = reports.label_agreement(scores.harmful[:, 0], train_labels, test_labels)
-            print("strongest proponents with the test image's label: {:.1%}".format(out["proponent_same_label"]))
-            print("strongest opponents with the test image's label: {:.1%}".format(out["opponent_same_label"]))
+            n_known = int((test_labels >= 0).sum())
+            of = "" if n_known == len(test_labels) else f" (of the {n_known} test images with a label)"
+            print("strongest proponents with the test image's label: {:.1%}{}".format(out["proponent_same_label"], of))
+            print("strongest opponents with the test image's label: {:.1%}{}".format(out["opponent_same_label"], of))
         if spec["base"] in ("mnist", "cifar"):  # latents: posterior means at the --ckpt_iter checkpoint
             latent_train = cli.encode_means(net, data, run.device)
         if spec["base"] == "mnist":

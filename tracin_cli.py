@@ -224,7 +224,6 @@ def prepare(args, kind) -> Run:
     log.info("%s: %d training samples, %d checkpoint(s) %s, device %s", name, len(train_data), len(checkpoints),
              [it for it, _ in checkpoints], device)
     out_dir = Path(args.output_root).expanduser() / kind / name
-    out_dir.mkdir(parents=True, exist_ok=True)
     return Run(args=args, device=device, name=name, ckpt_folder=folder, checkpoints=checkpoints, cfg=cfg,
                feature=feature, recorded=recorded, train_data=train_data, train_size=train_size,
                extra_size=extra_size, image_size=image_size, out_dir=out_dir,

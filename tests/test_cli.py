@@ -189,7 +189,7 @@ def test_task_test_reads_jpgs_in_numeric_order(mnist_root, tmp_path, demo_data, 
     assert torch.load(res["result_file"], weights_only=True)["influences"].shape == (4, N_TRAIN)
 
 
-def test_task_test_warns_of_images_without_a_label(mnist_root, tmp_path, demo_data, caplog):
+def test_task_test_warns_of_images_without_a_label(mnist_root, tmp_path, demo_data, caplog, capsys):
     jpgs = tmp_path / "jpgs"
     jpgs.mkdir()
     test = build_dataset("mnist", train=False, data_dir=demo_data)
@@ -202,8 +202,9 @@ def test_task_test_warns_of_images_without_a_label(mnist_root, tmp_path, demo_da
     assert res["test_names"] == ["test_1.jpg", "test_99999.jpg", "my_digit.jpg"]
     assert "my_digit.jpg has no index in its name" in caplog.text
     assert "99999 beyond the 500 images of the mnist test split" in caplog.text
-    # Only test_1.jpg has a label: the agreement is measured on it alone.
+    # Only test_1.jpg has a label: the agreement is measured on it alone, and says so.
     assert res["proponent_same_label"] in (0.0, 1.0)
+    assert "(of the 1 test images with a label)" in capsys.readouterr().out
 
 
 def test_task_test_without_a_jpg_folder_says_which_flags(mnist_root, tmp_path, demo_data):
