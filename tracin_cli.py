@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
@@ -231,11 +230,6 @@ def prepare(args, kind) -> Run:
 
 
 # ---------------------------------------------------------------------------------------------- results
-def _atomic_write_text(path, text):
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(text)
-
-
 def save_result(path, influences, helpful, harmful, settings):
     """Write the result dict (tensors + settings) and the settings as JSON, each atomically."""
     blob = {"influences": torch.as_tensor(np.asarray(influences, dtype=np.float64)),
@@ -243,7 +237,8 @@ def save_result(path, influences, helpful, harmful, settings):
             "harmful": torch.as_tensor(np.asarray(harmful, dtype=np.int64)),
             "settings": settings}
     atomic_torch_save(blob, path)
-    _atomic_write_text(Path(path).with_suffix(".json"), json.dumps(settings, indent=2) + "\n")
+    with atomic_write(Path(path).with_suffix(".json")) as tmp:
+        Path(tmp).write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def try_resume(path, identity):
@@ -266,8 +261,8 @@ def try_resume(path, identity):
 
 def load_or_compute(run: Run, identity: dict, compute):
     """Reuse the result file under --resume when its settings match, else call ``compute(cache_dir)`` (an
-    ``InfluenceResult``; ``cache_dir`` keeps its per-checkpoint partial sums) and save it. Returns a namespace: influences / helpful / harmful (numpy), settings,
-    recomputed (bool)."""
+    ``InfluenceResult``; ``cache_dir`` keeps its per-checkpoint partial sums) and save it. Returns a namespace:
+    influences / helpful / harmful (numpy), settings, recomputed (bool)."""
     if run.args.resume:
         blob, why = try_resume(run.result_path, identity)
         if blob is not None:

@@ -112,7 +112,6 @@ class TracInCheckpoint:
     loss_fn: callable = field(repr=False)
 
 
-
 @dataclass
 class InfluenceResult:
     """Scores and orderings. influences: (n_train,) for self influence or (n_test, n_train); float64.

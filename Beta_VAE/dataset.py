@@ -138,8 +138,7 @@ def read_idx(path: Path) -> torch.Tensor:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as exc:  # a truncated or foreign .gz (an interrupted download)
-        raise DataError(f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it and download or copy "
-                        f"it again") from None
+        raise DataError(f"{path} cannot be read ({_reason(exc)}); delete it and download or copy it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
@@ -152,6 +151,11 @@ def read_idx(path: Path) -> torch.Tensor:
 
 def _download_allowed(download):
     return paths.downloads_allowed() if download is None else download
+
+
+def _reason(exc):
+    """An exception as a short single line for an error message: 'Type: message' (at most about 200 characters)."""
+    return f"{type(exc).__name__}: " + textwrap.shorten(" ".join(str(exc).split()), 200, placeholder=" ...")
 
 
 def _download(fetch, folder, what):
@@ -170,9 +174,8 @@ def _download(fetch, folder, what):
             if created.is_dir() and not any(created.iterdir()):
                 created.rmdir()
             created = created.parent
-        reason = textwrap.shorten(" ".join(str(exc).split()), 200, placeholder=" ...")
-        raise DataError(f"missing {what} in {folder}, and downloading failed ({type(exc).__name__}: "
-                        f"{reason}); put the files there, or set ${paths.DATA_ENV_VAR} or --dset_dir to a data "
+        raise DataError(f"missing {what} in {folder}, and downloading failed ({_reason(exc)}); put the files "
+                        f"there, or set ${paths.DATA_ENV_VAR} or --dset_dir to a data "
                         f"folder holding them (set ${paths.OFFLINE_ENV_VAR}=1 to never download)") from None
 
 
@@ -236,8 +239,8 @@ def load_cifar10(root: Path, train=True, download=None):
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
         except Exception as exc:  # truncated pickle, another file under that name, ...
-            raise DataError(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: "
-                            f"{str(exc)[:120]}); delete it and download or copy it again") from None
+            raise DataError(f"{path} is not a CIFAR-10 python batch ({_reason(exc)}); delete it and download or "
+                            f"copy it again") from None
     if modified:
         warnings.warn(f"CIFAR-10 files in {folder} differ from the official checksums ({', '.join(modified)}): "
                       f"loading them as a modified copy", UserWarning, stacklevel=2)

@@ -1,6 +1,5 @@
 """The TracIn engine against plain per-sample reference computations, on tiny double-precision models and
 real images."""
-import math
 
 import numpy as np
 import pytest
